@@ -1,0 +1,87 @@
+"""The `deliberate-ray` command line. Each command is a thin shell over one stage module."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Annotated
+
+import typer
+
+from deliberate_ray.config import ConfigError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Deliberative Alignment at cluster scale, on Ray.",
+    pretty_exceptions_enable=False,
+)
+
+ConfigOpt = Annotated[str, typer.Option("--config", "-c", help="Run config (YAML).")]
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print a clear error (no stack trace) and exit."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+@app.callback()
+def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+@app.command()
+def validate(config: Annotated[str, typer.Argument(help="Run config (YAML) to check.")]) -> None:
+    """Check a config and the spec, prompt and suite files it names; exit 2 on any error."""
+    from deliberate_ray.validate import validate_file
+
+    errors = validate_file(config)
+    if errors:
+        typer.echo(f"{config}: {len(errors)} error(s)", err=True)
+        for e in errors:
+            typer.echo(f"  - {e}", err=True)
+        raise typer.Exit(2)
+    typer.echo(f"{config}: OK")
+
+
+@app.command()
+def spec(
+    category: Annotated[str, typer.Argument(help="Category id, e.g. violence.")],
+    path: Annotated[str, typer.Option("--spec", help="Spec YAML.")] = "specs/default.yaml",
+    variant: Annotated[str, typer.Option(help="rules | values")] = "values",
+) -> None:
+    """Print spec_for(category, variant): what the teacher and judge see in context."""
+    from deliberate_ray.spec import VARIANTS, load_spec
+
+    if variant not in VARIANTS:
+        fail(f"--variant: bad value {variant!r} -> allowed: {list(VARIANTS)}")
+    try:
+        s = load_spec(path)
+    except ConfigError as e:
+        fail(str(e))
+    if category not in s.category_ids:
+        fail(f"category: bad value {category!r} -> allowed: {s.category_ids}")
+    typer.echo(s.render(category, variant))  # type: ignore[arg-type]
+    typer.echo(f"[spec_sha {s.sha}]", err=True)
+
+
+@app.command("prepare-model")
+def prepare_model(
+    ref: Annotated[str, typer.Argument(help="embedded:smollm2-135m-instruct | tiny-random | dir")],
+) -> None:
+    """Resolve a model reference (converting the embedded model once) and print its path."""
+    from deliberate_ray.models import ModelRefError, resolve_model
+
+    try:
+        typer.echo(resolve_model(ref))
+    except ModelRefError as e:
+        fail(str(e))
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,293 @@
+"""Pydantic models for every stage's settings, loaded from one YAML file.
+
+One file describes a run: each stage reads its own section (`generate`, `train`, `serve`,
+`eval`, `pipeline`), so a stage can run alone or be chained. Unknown keys are rejected,
+and every error names its field path, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+M = TypeVar("M", bound=BaseModel)
+Action = Literal["comply", "refuse", "safe_complete"]
+ACTIONS: tuple[str, ...] = ("comply", "refuse", "safe_complete")
+
+
+class StrictModel(BaseModel):
+    """Base for all config models: unknown keys are errors, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ConfigError(Exception):
+    """A config (or a file it names) is invalid; `errors` holds one line per problem."""
+
+    def __init__(self, source: str, errors: list[str]):
+        self.source = source
+        self.errors = errors
+        super().__init__(f"{source}: " + "; ".join(errors))
+
+    def __str__(self) -> str:
+        lines = [f"{self.source}: {len(self.errors)} error(s)"]
+        lines += [f"  - {e}" for e in self.errors]
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- shared pieces
+
+
+class SpecConfig(StrictModel):
+    path: str = "specs/default.yaml"
+    variant: Literal["rules", "values"] = "values"
+
+
+class PromptsConfig(StrictModel):
+    sources: list[str] = Field(default_factory=lambda: ["data/prompts/seed.jsonl"], min_length=1)
+    limit: int | None = Field(default=None, ge=1)
+    max_chars: int = Field(default=4000, ge=16)
+    seed: int = 0
+
+
+class SamplingConfig(StrictModel):
+    max_tokens: int = Field(default=256, ge=1, le=131072)
+    temperature: float = Field(default=0.8, ge=0.0, le=2.0)
+    top_p: float = Field(default=0.95, gt=0.0, le=1.0)
+    stop: list[str] = Field(default_factory=list)
+    seed: int | None = None
+
+
+class EngineConfig(StrictModel):
+    """Which back end runs a model: `hf` (transformers actors), `vllm` (ray.data.llm) or `http`."""
+
+    kind: Literal["hf", "vllm", "http"] = "hf"
+    model: str = "embedded:smollm2-135m-instruct"
+    batch_size: int = Field(default=8, ge=1)
+    concurrency: int = Field(default=1, ge=1)
+    # hf
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    num_cpus: float = Field(default=1.0, gt=0)
+    num_gpus: float = Field(default=0.0, ge=0)
+    torch_threads: int | None = Field(default=None, ge=1)
+    # vllm
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict)
+    accelerator_type: str | None = None
+    # http
+    base_url: str | None = None
+    api_key_env: str | None = None
+    qps: float | None = Field(default=None, gt=0)
+    max_retries: int = Field(default=3, ge=0)
+    timeout_s: float = Field(default=120.0, gt=0)
+
+    @model_validator(mode="after")
+    def _http_needs_url(self) -> EngineConfig:
+        if self.kind == "http" and not self.base_url:
+            raise ValueError("engine kind 'http' needs base_url (e.g. http://127.0.0.1:8000/v1)")
+        return self
+
+
+# ---------------------------------------------------------------- stages
+
+
+class TeacherConfig(StrictModel):
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    samples_per_prompt: int = Field(default=4, ge=1, le=64)
+    reasoning_format: Literal["delimiter", "think"] = "delimiter"
+    prefill: bool = True
+    num_examples: int = Field(default=2, ge=0, le=8)
+
+
+class LLMJudgeConfig(StrictModel):
+    enabled: bool = False
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    sampling: SamplingConfig = Field(
+        default_factory=lambda: SamplingConfig(max_tokens=128, temperature=0.7)
+    )
+    k: int = Field(default=3, ge=1, le=16)
+    show_ideal_action: bool = True
+
+
+class JudgeConfig(StrictModel):
+    programmatic: bool = True
+    llm: LLMJudgeConfig = Field(default_factory=LLMJudgeConfig)
+    threshold: float = Field(default=6.0, ge=0.0, le=10.0)
+    min_answer_chars: int = Field(default=2, ge=0)
+    max_answer_chars: int = Field(default=4000, ge=1)
+
+
+class GenerateConfig(StrictModel):
+    output_dir: str | None = None
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    judge: JudgeConfig = Field(default_factory=JudgeConfig)
+
+
+class LoraConfig(StrictModel):
+    enabled: bool = False
+    rank: int = Field(default=16, ge=1)
+    alpha: float = Field(default=32.0, gt=0)
+    dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1
+    )
+    merge_on_export: bool = True
+
+
+class TrainConfig(StrictModel):
+    model: str = "embedded:smollm2-135m-instruct"
+    variant: Literal["cot", "no_cot", "docs"] = "cot"
+    data: list[str] = Field(default_factory=list)
+    output_dir: str | None = None
+    name: str = "sft"
+    num_workers: int = Field(default=2, ge=1)
+    use_gpu: bool = False
+    resources_per_worker: dict[str, float] = Field(default_factory=dict)
+    fsdp: bool = True
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    max_seq_len: int = Field(default=512, ge=16)
+    packing: bool = True
+    micro_batch_size: int = Field(default=4, ge=1)
+    grad_accum: int = Field(default=1, ge=1)
+    epochs: float = Field(default=1.0, gt=0)
+    max_steps: int | None = Field(default=None, ge=1)
+    lr: float = Field(default=2e-5, gt=0)
+    warmup_ratio: float = Field(default=0.05, ge=0, lt=1)
+    weight_decay: float = Field(default=0.0, ge=0)
+    grad_clip: float = Field(default=1.0, gt=0)
+    bf16: bool = True
+    gradient_checkpointing: bool = False
+    mix_data: str | None = None
+    mix_ratio: float = Field(default=0.0, ge=0, lt=1)
+    checkpoint_every: int = Field(default=50, ge=1)
+    keep_checkpoints: int = Field(default=2, ge=1)
+    max_failures: int = Field(default=0, ge=-1)
+    log_every: int = Field(default=1, ge=1)
+    peak_flops: float | None = Field(default=None, gt=0)
+    seed: int = 0
+
+
+class AutoscalingConfig(StrictModel):
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: int = Field(default=1, ge=1)
+    target_ongoing_requests: float = Field(default=4.0, gt=0)
+
+    @model_validator(mode="after")
+    def _order(self) -> AutoscalingConfig:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(
+                f"max_replicas ({self.max_replicas}) must be >= min_replicas ({self.min_replicas})"
+            )
+        return self
+
+
+class ServeConfig(StrictModel):
+    models: dict[str, str] = Field(default_factory=dict)
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    api_key_env: str | None = None
+    engine: Literal["auto", "hf", "vllm"] = "auto"
+    max_batch_size: int = Field(default=8, ge=1)
+    batch_wait_timeout_s: float = Field(default=0.05, ge=0)
+    max_tokens_limit: int = Field(default=1024, ge=1)
+    num_cpus: float = Field(default=1.0, gt=0)
+    num_gpus: float = Field(default=0.0, ge=0)
+    autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
+
+
+class EvalConfig(StrictModel):
+    suites: list[str] = Field(default_factory=lambda: ["data/eval/in_distribution.jsonl"])
+    max_tokens: int = Field(default=256, ge=1)
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    concurrency: int = Field(default=4, ge=1)
+    max_retries: int = Field(default=3, ge=0)
+    bootstrap: int = Field(default=1000, ge=100)
+    limit: int | None = Field(default=None, ge=1)
+
+
+class ArmConfig(StrictModel):
+    name: str
+    variant: Literal["cot", "no_cot"] = "cot"
+    msm: bool = False
+    msm_docs: list[str] = Field(default_factory=list)
+
+
+class PipelineConfig(StrictModel):
+    arms: list[ArmConfig] = Field(
+        default_factory=lambda: [ArmConfig(name="cot", variant="cot")], min_length=1
+    )
+    compare_base: bool = True
+
+    @field_validator("arms")
+    @classmethod
+    def _unique_names(cls, arms: list[ArmConfig]) -> list[ArmConfig]:
+        names = [a.name for a in arms]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"arm names must be unique; repeated: {dupes}")
+        return arms
+
+
+class Config(StrictModel):
+    """A whole run: shared inputs plus one optional section per stage."""
+
+    run_dir: str = "runs/default"
+    spec: SpecConfig = Field(default_factory=SpecConfig)
+    prompts: PromptsConfig = Field(default_factory=PromptsConfig)
+    generate: GenerateConfig | None = None
+    train: TrainConfig | None = None
+    serve: ServeConfig | None = None
+    eval: EvalConfig | None = None
+    pipeline: PipelineConfig | None = None
+
+
+def _describe_allowed(err: dict[str, Any]) -> str:
+    ctx = err.get("ctx") or {}
+    if err["type"] == "extra_forbidden":
+        return "unknown key (remove it or check its spelling)"
+    if "expected" in ctx:
+        return f"allowed: {ctx['expected']}"
+    return err["msg"]
+
+
+def format_validation_error(exc: ValidationError) -> list[str]:
+    """One line per error: `field.path: value=... -> what is allowed`."""
+    out = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "<root>"
+        value = err.get("input")
+        shown = repr(value)
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        out.append(f"{loc}: bad value {shown} -> {_describe_allowed(err)}")
+    return out
+
+
+def read_yaml(path: str | Path) -> Any:
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(str(path), ["file not found"])
+    try:
+        return yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(str(path), [f"not valid YAML: {e}"]) from None
+
+
+def parse_model(data: Any, cls: type[M], source: str) -> M:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(source, [f"<root>: expected a mapping, got {type(data).__name__}"])
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(source, format_validation_error(e)) from None
+
+
+def load_config(path: str | Path) -> Config:
+    """Load and validate a run config; raises ConfigError listing every problem."""
+    return parse_model(read_yaml(path), Config, str(path))
