@@ -1,0 +1,1 @@
+"""Graders: functions from (prompt, completion) to labels or scores."""
