@@ -77,10 +77,12 @@ class EngineConfig(StrictModel):
     # vllm
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)
     accelerator_type: str | None = None
+    # all kinds: extra apply_chat_template arguments (e.g. {enable_thinking: true} for Qwen3)
+    chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
     # http
     base_url: str | None = None
     api_key_env: str | None = None
-    qps: float | None = Field(default=None, gt=0)
+    qps: int | None = Field(default=None, ge=1)
     max_retries: int = Field(default=3, ge=0)
     timeout_s: float = Field(default=120.0, gt=0)
 
@@ -90,11 +92,23 @@ class EngineConfig(StrictModel):
             raise ValueError("engine kind 'http' needs base_url (e.g. http://127.0.0.1:8000/v1)")
         return self
 
+    @property
+    def label(self) -> str:
+        """Provenance string written next to generated data, e.g. `hf:embedded:smollm2-...`."""
+        return f"{self.kind}:{self.model}"
+
 
 # ---------------------------------------------------------------- stages
 
 
 class TeacherConfig(StrictModel):
+    """The model that writes CoT + answer with the spec in context.
+
+    `delimiter`: plain instruct models write "Reasoning: ..." then "Answer: ..." (the
+    assistant turn is prefilled with "Reasoning:" when `prefill`); `think`: reasoning
+    models emit `<think>...</think>` themselves.
+    """
+
     engine: EngineConfig = Field(default_factory=EngineConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     samples_per_prompt: int = Field(default=4, ge=1, le=64)
@@ -114,17 +128,33 @@ class LLMJudgeConfig(StrictModel):
 
 
 class JudgeConfig(StrictModel):
+    """G_RM: programmatic checks gate samples; the score is the LLM judge's minimum over k
+    runs when it is enabled, else the checks' own 0-10 score. Best sample >= threshold wins."""
+
     programmatic: bool = True
     llm: LLMJudgeConfig = Field(default_factory=LLMJudgeConfig)
     threshold: float = Field(default=6.0, ge=0.0, le=10.0)
     min_answer_chars: int = Field(default=2, ge=0)
     max_answer_chars: int = Field(default=4000, ge=1)
 
+    @model_validator(mode="after")
+    def _some_judge(self) -> JudgeConfig:
+        if not self.programmatic and not self.llm.enabled:
+            raise ValueError("no judge: set programmatic: true and/or llm.enabled: true")
+        if self.max_answer_chars < self.min_answer_chars:
+            raise ValueError(
+                f"max_answer_chars ({self.max_answer_chars}) must be >= "
+                f"min_answer_chars ({self.min_answer_chars})"
+            )
+        return self
+
 
 class GenerateConfig(StrictModel):
     output_dir: str | None = None
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
+    # Prompts per committed shard: a killed run loses at most the shards in flight.
+    shard_prompts: int = Field(default=32, ge=1)
 
 
 class LoraConfig(StrictModel):
