@@ -83,5 +83,32 @@ def prepare_model(
         fail(str(e))
 
 
+@app.command()
+def train(
+    config: ConfigOpt,
+    variant: Annotated[str | None, typer.Option(help="cot | no_cot | docs.")] = None,
+    name: Annotated[str | None, typer.Option(help="Run name; rerunning a name resumes it.")] = None,
+    data: Annotated[list[str] | None, typer.Option(help="Training file; repeatable.")] = None,
+    stop_after: Annotated[
+        int | None, typer.Option(help="End after this many steps (checkpointed); rerun to go on.")
+    ] = None,
+) -> None:
+    """SFT on Ray Train (FSDP2, optional LoRA), then an HF export; prints a JSON summary."""
+    import json
+
+    from deliberate_ray.config import load_config
+    from deliberate_ray.models import ModelRefError
+    from deliberate_ray.train import run_train
+    from deliberate_ray.train.data import TrainDataError
+
+    try:
+        summary = run_train(
+            load_config(config), variant=variant, name=name, data=data, stop_after=stop_after
+        )
+    except (ConfigError, ModelRefError, TrainDataError) as e:
+        fail(str(e))
+    typer.echo(json.dumps(summary, indent=2))
+
+
 if __name__ == "__main__":
     app()

@@ -158,6 +158,8 @@ class GenerateConfig(StrictModel):
 
 
 class LoraConfig(StrictModel):
+    """LoRA adapters through peft; `merge_on_export: false` exports the adapter alone."""
+
     enabled: bool = False
     rank: int = Field(default=16, ge=1)
     alpha: float = Field(default=32.0, gt=0)
@@ -169,15 +171,19 @@ class LoraConfig(StrictModel):
 
 
 class TrainConfig(StrictModel):
+    """SFT on Ray Train. Run folder: `{output_dir or run_dir/train}/{name}`; Ray Train's
+    checkpoints go to `{storage_path or that output dir}/{name}`."""
+
     model: str = "embedded:smollm2-135m-instruct"
     variant: Literal["cot", "no_cot", "docs"] = "cot"
     data: list[str] = Field(default_factory=list)
     output_dir: str | None = None
-    name: str = "sft"
-    num_workers: int = Field(default=2, ge=1)
+    storage_path: str | None = None
+    name: str = Field(default="sft", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    # 0 workers: the same loop in this process, without Ray workers (debugging, benchmarks).
+    num_workers: int = Field(default=2, ge=0)
     use_gpu: bool = False
     resources_per_worker: dict[str, float] = Field(default_factory=dict)
-    fsdp: bool = True
     lora: LoraConfig = Field(default_factory=LoraConfig)
     max_seq_len: int = Field(default=512, ge=16)
     packing: bool = True
@@ -190,6 +196,7 @@ class TrainConfig(StrictModel):
     weight_decay: float = Field(default=0.0, ge=0)
     grad_clip: float = Field(default=1.0, gt=0)
     bf16: bool = True
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     gradient_checkpointing: bool = False
     mix_data: str | None = None
     mix_ratio: float = Field(default=0.0, ge=0, lt=1)
@@ -199,6 +206,15 @@ class TrainConfig(StrictModel):
     log_every: int = Field(default=1, ge=1)
     peak_flops: float | None = Field(default=None, gt=0)
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _mix_needs_both(self) -> TrainConfig:
+        if (self.mix_data is None) != (self.mix_ratio == 0):
+            raise ValueError(
+                f"mix_data ({self.mix_data!r}) and mix_ratio ({self.mix_ratio}) go together: "
+                "set both (a file of chat rows and a ratio in (0, 1)) or neither"
+            )
+        return self
 
 
 class AutoscalingConfig(StrictModel):

@@ -1,0 +1,54 @@
+"""A training checkpoint -> a Hugging Face model folder that transformers and vLLM load.
+
+Full fine-tuning and merged LoRA give safetensors weights in the base model's dtype, plus the
+tokenizer with its chat template. `lora.merge_on_export: false` writes the adapter alone
+(adapter_config.json names the base model): transformers loads it through peft, vLLM serves
+it as a LoRA module on the base model.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from deliberate_ray.config import TrainConfig
+from deliberate_ray.train.checkpoint import load_model_weights
+from deliberate_ray.train.parallelize import apply_lora
+
+log = logging.getLogger(__name__)
+
+
+def export_hf(checkpoint_dir: str, cfg: TrainConfig, out_dir: Path) -> dict[str, Any]:
+    """Write the export to `out_dir` (replacing an older one whole); returns what was written."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    base_dtype = AutoConfig.from_pretrained(cfg.model).dtype or torch.float32
+    model: Any = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
+    if cfg.lora.enabled:
+        model = apply_lora(model, cfg.lora)
+    load_model_weights(checkpoint_dir, model, cfg.lora.enabled)
+    kind = "full"
+    if cfg.lora.enabled and cfg.lora.merge_on_export:
+        model, kind = model.merge_and_unload(), "lora_merged"
+    elif cfg.lora.enabled:
+        kind = "lora_adapter"
+    model = model.to(base_dtype)
+    # A GGUF-converted base keeps its quantization_config; the export is plain weights.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".", dir=out_dir.parent))
+    try:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        AutoTokenizer.from_pretrained(cfg.model).save_pretrained(str(tmp))
+        shutil.rmtree(out_dir, ignore_errors=True)
+        tmp.rename(out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("exported %s model to %s", kind, out_dir)
+    return {"export_dir": str(out_dir), "export_kind": kind, "base_model": cfg.model}

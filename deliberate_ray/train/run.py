@@ -1,0 +1,135 @@
+"""`run_train`: data -> Ray Train (TorchTrainer) -> HF export. What the CLI, jobs/train.py
+and the pipeline call; the pipeline trains several arms from one config by overriding
+`variant`, `name` and `data`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from deliberate_ray.config import Config, ConfigError, TrainConfig, format_validation_error
+from deliberate_ray.models import resolve_model
+from deliberate_ray.train.data import DataStats, TrainDataError, build_dataset
+from deliberate_ray.train.export import export_hf
+from deliberate_ray.train.loop import Plan, train_loop
+
+log = logging.getLogger(__name__)
+
+
+def train_config(cfg: Config, **overrides: Any) -> TrainConfig:
+    """The `train` section with the given fields replaced (None leaves a field as it is)."""
+    from pydantic import ValidationError
+
+    if cfg.train is None:
+        raise ConfigError("config", ["train: missing section -> add a `train:` mapping"])
+    fields = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return TrainConfig.model_validate({**cfg.train.model_dump(), **fields})
+    except ValidationError as e:
+        raise ConfigError("train", format_validation_error(e)) from None
+
+
+def plan_steps(cfg: TrainConfig, stats: DataStats, out_dir: Path, stop_after: int | None) -> Plan:
+    world = max(1, cfg.num_workers)
+    rows_per_step = world * cfg.micro_batch_size * cfg.grad_accum
+    steps_per_epoch = stats.rows // rows_per_step
+    if steps_per_epoch == 0:
+        raise TrainDataError(
+            f"train data packs into {stats.rows} rows of {cfg.max_seq_len} tokens, but one step "
+            f"takes max(1, num_workers) * micro_batch_size * grad_accum = {rows_per_step} rows; "
+            "lower micro_batch_size or grad_accum, or add data"
+        )
+    total = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
+    return Plan(
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total,
+        stop_at=min(total, stop_after or total),
+        out_dir=str(out_dir),
+        checkpoints=cfg.num_workers > 0,
+    )
+
+
+def run_train(
+    cfg: Config,
+    *,
+    variant: str | None = None,
+    name: str | None = None,
+    data: list[str] | None = None,
+    output_dir: str | None = None,
+    model: str | None = None,
+    stop_after: int | None = None,
+) -> dict[str, Any]:
+    """Train (resuming the run of the same name if it has checkpoints) and export.
+
+    `stop_after` ends this run after that many optimizer steps, with a checkpoint there;
+    rerunning continues (how a job with a fixed time slot trains in pieces).
+    Returns export_dir, final_loss, metrics_path, checkpoint_path, steps and the data stats.
+    """
+    import ray
+    import ray.train
+    from ray.data import ExecutionOptions
+    from ray.train.torch import TorchTrainer
+
+    tcfg = train_config(
+        cfg, variant=variant, name=name, data=data, output_dir=output_dir, model=model
+    )
+    parent = Path(tcfg.output_dir or Path(cfg.run_dir) / "train").resolve()
+    out_dir = parent / tcfg.name
+    tcfg = tcfg.model_copy(update={"model": resolve_model(tcfg.model)})
+    if not ray.is_initialized():
+        ray.init()
+    dataset, stats = build_dataset(tcfg, tcfg.data)
+    plan = plan_steps(tcfg, stats, out_dir, stop_after)
+    log.info(
+        "training %s (%s) on %d worker(s): %d steps (%d per epoch), run folder %s",
+        tcfg.name,
+        tcfg.variant,
+        tcfg.num_workers,
+        plan.total_steps,
+        plan.steps_per_epoch,
+        out_dir,
+    )
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"train": tcfg.model_dump(), "plan": asdict(plan)},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=tcfg.num_workers,
+            use_gpu=tcfg.use_gpu,
+            resources_per_worker=tcfg.resources_per_worker or None,
+        ),
+        run_config=ray.train.RunConfig(
+            name=tcfg.name,
+            storage_path=tcfg.storage_path or str(parent),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tcfg.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=tcfg.max_failures),
+        ),
+        datasets={"train": dataset},
+        # Ordered shards: each worker gets the same rows on every run, so resuming at a
+        # micro-batch count resumes at the same data.
+        dataset_config=ray.train.DataConfig(
+            execution_options=ExecutionOptions(preserve_order=True)
+        ),
+    )
+    result = trainer.fit()
+    summary: dict[str, Any] = {
+        "name": tcfg.name,
+        "variant": tcfg.variant,
+        "run_dir": str(out_dir),
+        "metrics_path": str(out_dir / "metrics.jsonl"),
+        "final_loss": (result.metrics or {}).get("loss"),
+        "steps": (result.metrics or {}).get("step"),
+        "data": asdict(stats),
+        "checkpoint_path": None,
+        "export_dir": None,
+    }
+    if result.checkpoint is None:
+        log.warning("no checkpoint to export (num_workers=0 runs without Ray Train storage)")
+        return summary
+    summary["checkpoint_path"] = result.checkpoint.path
+    with result.checkpoint.as_directory() as ckpt_dir:
+        summary.update(export_hf(ckpt_dir, tcfg, out_dir / "export"))
+    return summary
