@@ -232,17 +232,39 @@ class AutoscalingConfig(StrictModel):
 
 
 class ServeConfig(StrictModel):
+    """`deliberate-ray serve`: models by name, where to listen, batching and scaling.
+
+    engine `auto` picks vLLM (`ray.serve.llm`) when num_gpus > 0 and vLLM is installed, else
+    the transformers engine. A short batch wait keeps single requests fast; under load the
+    queue that builds up while a batch runs forms the next batch anyway.
+    """
+
     models: dict[str, str] = Field(default_factory=dict)
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     api_key_env: str | None = None
     engine: Literal["auto", "hf", "vllm"] = "auto"
     max_batch_size: int = Field(default=8, ge=1)
-    batch_wait_timeout_s: float = Field(default=0.05, ge=0)
+    batch_wait_timeout_s: float = Field(default=0.005, ge=0)
     max_tokens_limit: int = Field(default=1024, ge=1)
+    default_max_tokens: int = Field(default=256, ge=1)
     num_cpus: float = Field(default=1.0, gt=0)
     num_gpus: float = Field(default=0.0, ge=0)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    torch_threads: int | None = Field(default=None, ge=1)
+    # vllm
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict)
+    accelerator_type: str | None = None
     autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
+
+    @model_validator(mode="after")
+    def _default_within_limit(self) -> ServeConfig:
+        if self.default_max_tokens > self.max_tokens_limit:
+            raise ValueError(
+                f"default_max_tokens ({self.default_max_tokens}) must be <= max_tokens_limit "
+                f"({self.max_tokens_limit})"
+            )
+        return self
 
 
 class EvalConfig(StrictModel):

@@ -1,0 +1,98 @@
+"""Start and stop the serving app: the Python API the CLI, `jobs/serve.py` and the pipeline
+call (the pipeline serves the base model and the trained arms side by side, then evaluates)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from typing import Any
+
+from deliberate_ray.config import ServeConfig
+from deliberate_ray.models import resolve_model
+from deliberate_ray.serve.protocol import MODEL_NAME
+
+log = logging.getLogger(__name__)
+
+APP_NAME = "deliberate-ray"
+
+
+def resolve_engine(cfg: ServeConfig) -> str:
+    from deliberate_ray.serve.vllm import vllm_available
+
+    if cfg.engine != "auto":
+        return cfg.engine
+    return "vllm" if cfg.num_gpus > 0 and vllm_available() else "hf"
+
+
+def api_key_digest(cfg: ServeConfig) -> str | None:
+    from deliberate_ray.serve.app import key_digest
+
+    if not cfg.api_key_env:
+        return None
+    key = os.environ.get(cfg.api_key_env)
+    if not key:
+        log.warning("%s is not set: serving without authentication", cfg.api_key_env)
+        return None
+    return key_digest(key)
+
+
+def build_app(models: dict[str, str], cfg: ServeConfig) -> Any:
+    bad = [n for n in models if not MODEL_NAME.match(n)]
+    if not models or bad:
+        raise ValueError(f"model names must be 1-64 letters, digits, '.', '_' or '-'; got {bad}")
+    for ref in models.values():
+        resolve_model(ref)  # fail here, with the fix in the message, not in a replica
+    key = api_key_digest(cfg)
+    if resolve_engine(cfg) == "vllm":
+        from deliberate_ray.serve.vllm import build_vllm_app
+
+        if key is not None:
+            raise ValueError(
+                "api_key_env is not supported with the vLLM engine yet; "
+                "put an authenticating proxy in front, or use engine: hf"
+            )
+        return build_vllm_app(models, cfg)
+    from deliberate_ray.serve.app import build_hf_app
+
+    return build_hf_app(models, cfg, key)
+
+
+def start_serve(models: dict[str, str], cfg: ServeConfig, blocking: bool = False) -> str:
+    """Serve `models` ({name: ref}) and return the OpenAI base URL once every replica is up.
+
+    blocking=True prints the URL, runs until SIGINT/SIGTERM, then shuts the app down.
+    """
+    import ray
+    from ray import serve
+
+    app = build_app(models, cfg)
+    if not ray.is_initialized():
+        ray.init()
+    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    serve.run(app, name=APP_NAME, route_prefix="/")
+    host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
+    url = f"http://{host}:{cfg.port}/v1"
+    log.info("serving %s at %s", sorted(models), url)
+    if blocking:
+        print(f"serving {', '.join(models)} at {url} (Ctrl-C to stop)", flush=True)
+        wait_until_interrupted()
+        shutdown()
+    return url
+
+
+def wait_until_interrupted() -> None:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+
+
+def shutdown() -> None:
+    """Delete our app; stop Serve too when no other app is left on the cluster."""
+    from ray import serve
+
+    serve.delete(APP_NAME)
+    if not serve.status().applications:
+        serve.shutdown()
