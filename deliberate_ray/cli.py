@@ -110,5 +110,25 @@ def train(
     typer.echo(json.dumps(summary, indent=2))
 
 
+@app.command()
+def generate(
+    config: ConfigOpt,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Generate spec-grounded CoT tuples (teacher, judge, best of n); a rerun resumes."""
+    from deliberate_ray.config import load_config
+    from deliberate_ray.generate import run_generate
+    from deliberate_ray.generate.run import summary
+
+    try:
+        cfg = load_config(config)
+        if cfg.generate is None:
+            raise ValueError(f"{config} has no `generate:` section")
+        result = run_generate(cfg, progress=progress)
+    except (ConfigError, ValueError) as e:
+        fail(str(e))
+    typer.echo(summary(result))
+
+
 if __name__ == "__main__":
     app()

@@ -125,6 +125,8 @@ class LLMJudgeConfig(StrictModel):
     )
     k: int = Field(default=3, ge=1, le=16)
     show_ideal_action: bool = True
+    # Prefill the judge's turn with "Score:" (needs a vLLM-style server for kind http).
+    prefill: bool = True
 
 
 class JudgeConfig(StrictModel):

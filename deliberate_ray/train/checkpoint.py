@@ -33,7 +33,8 @@ class TrainState:
 
 
 def options(lora: bool) -> StateDictOptions:
-    return StateDictOptions(ignore_frozen_params=lora)
+    # With LoRA the frozen base is neither saved nor expected back (hence not strict).
+    return StateDictOptions(ignore_frozen_params=lora, strict=not lora)
 
 
 def save_checkpoint(
