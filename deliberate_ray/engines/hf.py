@@ -11,10 +11,16 @@ from __future__ import annotations
 
 import logging
 import secrets
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
 
+import pyarrow as pa
+
+from deliberate_ray.engines.rows import SKIPPED, error_output, split_prefill, with_outputs
 from deliberate_ray.models import load_model, load_tokenizer
+
+if TYPE_CHECKING:
+    from deliberate_ray.config import EngineConfig
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +79,7 @@ class HFGenerator:
         device: str = "auto",
         dtype: str = "auto",
         torch_threads: int | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
     ):
         import torch
 
@@ -83,6 +90,8 @@ class HFGenerator:
         self.tokenizer = load_tokenizer(model_ref)
         self.model = load_model(model_ref, dtype=dtype, device=self.device)
         self.end_ids = self._end_of_turn_ids()
+        self.chat_template_kwargs = chat_template_kwargs or {}
+        self.max_positions: int | None = getattr(self.model.config, "max_position_embeddings", None)
 
     def _end_of_turn_ids(self) -> set[int]:
         """EOS ids from the tokenizer and generation config, plus a ChatML turn opener."""
@@ -100,7 +109,7 @@ class HFGenerator:
 
     def prompt_text(self, req: GenRequest) -> str:
         text = self.tokenizer.apply_chat_template(
-            req.messages, tokenize=False, add_generation_prompt=True
+            req.messages, tokenize=False, add_generation_prompt=True, **self.chat_template_kwargs
         )
         return text + (req.prefill or "")
 
@@ -162,6 +171,12 @@ class HFGenerator:
         dev = self.device
         texts = [self.prompt_text(r) for r in requests]
         encoded = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        for r, e in zip(requests, encoded, strict=True):
+            if self.max_positions and len(e) + r.max_tokens > self.max_positions:
+                raise ValueError(
+                    f"prompt of {len(e)} tokens + max_tokens {r.max_tokens} exceeds the "
+                    f"model's {self.max_positions} positions"
+                )
         unique: dict[tuple[int, ...], int] = {}
         which = [unique.setdefault(tuple(e), len(unique)) for e in encoded]
         logits, cache, mask, next_pos = self._prefill([list(u) for u in unique])
@@ -260,3 +275,64 @@ def _tail_has_stop(tokenizer: Any, tokens: list[int], stops: list[str]) -> bool:
     width = max(len(s) for s in stops) + 4
     tail = tokenizer.decode(tokens[-width:], skip_special_tokens=True)
     return any(s in tail for s in stops)
+
+
+class HFEngineActor:
+    """Ray Data actor (`map_batches` + `ActorPoolStrategy`): one model per actor, batches of
+    engine-contract rows in, the same rows with generation outputs out."""
+
+    def __init__(self, engine: dict[str, Any], keep: list[str]):
+        from deliberate_ray.config import EngineConfig
+
+        cfg = EngineConfig.model_validate(engine)
+        self.keep = keep
+        self.generator = HFGenerator(
+            cfg.model, cfg.device, cfg.dtype, cfg.torch_threads, cfg.chat_template_kwargs
+        )
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.select(["messages", "sampling_params"]).to_pylist()
+        outputs: list[dict[str, Any]] = [SKIPPED] * len(rows)
+        todo = [i for i, r in enumerate(rows) if r["sampling_params"]["max_tokens"] > 0]
+        done = self._run([_request(rows[i]) for i in todo])
+        for i, out in zip(todo, done, strict=True):
+            outputs[i] = out
+        return with_outputs(batch, self.keep, outputs)
+
+    def _run(self, requests: list[GenRequest]) -> list[dict[str, Any]]:
+        """Generate a batch; if it fails, retry row by row so one bad row fails alone."""
+        try:
+            return [asdict(r) | {"engine_error": None} for r in self.generator.generate(requests)]
+        except (ValueError, RuntimeError) as e:
+            if len(requests) == 1:
+                log.warning("engine error: %s", e)
+                return [error_output(f"{type(e).__name__}: {e}")]
+            return [out for r in requests for out in self._run([r])]
+
+
+def _request(row: dict[str, Any]) -> GenRequest:
+    messages, prefill = split_prefill(row["messages"])
+    sp = row["sampling_params"]
+    return GenRequest(
+        messages=messages,
+        max_tokens=sp["max_tokens"],
+        temperature=sp["temperature"],
+        top_p=sp["top_p"],
+        stop=sp["stop"] or [],
+        seed=sp["seed"],
+        prefill=prefill,
+    )
+
+
+def apply_hf(ds: Any, cfg: EngineConfig, keep: list[str]) -> Any:
+    from ray.data import ActorPoolStrategy
+
+    return ds.map_batches(
+        HFEngineActor,
+        fn_constructor_kwargs={"engine": cfg.model_dump(), "keep": keep},
+        batch_size=cfg.batch_size,
+        batch_format="pyarrow",
+        compute=ActorPoolStrategy(size=cfg.concurrency),
+        num_cpus=cfg.num_cpus,
+        num_gpus=cfg.num_gpus,
+    )

@@ -1,0 +1,118 @@
+"""Any OpenAI-compatible chat endpoint through `ray.data.llm.HttpRequestProcessorConfig`.
+
+The API key comes from the environment variable named by `api_key_env` (never from the
+config file). A prefilled assistant turn is sent with vLLM's `continue_final_message`
+extension, so prefill needs a vLLM-style server (our Serve app or `vllm serve`).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from typing import Any
+
+import pyarrow as pa
+
+from deliberate_ray.config import EngineConfig
+from deliberate_ray.engines.rows import SKIPPED, error_output, finish_reason, to_py, with_outputs
+
+
+def chat_url(base_url: str) -> str:
+    base = base_url.rstrip("/")
+    return base if base.endswith("/chat/completions") else base + "/chat/completions"
+
+
+def headers(cfg: EngineConfig) -> dict[str, str]:
+    if not cfg.api_key_env:
+        return {}
+    key = os.environ.get(cfg.api_key_env)
+    if not key:
+        raise ValueError(
+            f"engine.api_key_env names {cfg.api_key_env!r}, but that environment variable "
+            "is not set (export it before the run)"
+        )
+    return {"Authorization": f"Bearer {key}"}
+
+
+def processor_config(cfg: EngineConfig) -> Any:
+    import aiohttp
+    from ray.data.llm import HttpRequestProcessorConfig
+
+    assert cfg.base_url is not None  # EngineConfig validates it for kind http
+    return HttpRequestProcessorConfig(
+        url=chat_url(cfg.base_url),
+        headers=headers(cfg),
+        qps=cfg.qps,
+        max_retries=cfg.max_retries,
+        batch_size=cfg.batch_size,
+        concurrency=cfg.concurrency,
+        session_factory=functools.partial(
+            aiohttp.ClientSession, timeout=aiohttp.ClientTimeout(total=cfg.timeout_s)
+        ),
+    )
+
+
+def payload(row: dict[str, Any], cfg: EngineConfig) -> dict[str, Any]:
+    """The chat-completions request body of one row (skipped rows ask for one token)."""
+    messages = to_py(row["messages"])
+    sp = to_py(row["sampling_params"])
+    body: dict[str, Any] = {
+        "model": cfg.model,
+        "messages": messages,
+        "max_tokens": max(sp["max_tokens"], 1),
+        "temperature": sp["temperature"],
+        "top_p": sp["top_p"],
+        "stop": sp["stop"] or None,
+        "seed": sp["seed"],
+    }
+    if messages and messages[-1]["role"] == "assistant":
+        body |= {"continue_final_message": True, "add_generation_prompt": False}
+    if cfg.chat_template_kwargs:
+        body["chat_template_kwargs"] = cfg.chat_template_kwargs
+    return body
+
+
+def _preprocess(row: dict[str, Any], cfg: EngineConfig) -> dict[str, Any]:
+    return row | {"payload": payload(row, cfg)}
+
+
+def response_output(response: Any, max_tokens: int) -> dict[str, Any]:
+    """An OpenAI chat-completions response (or an error body) -> engine outputs."""
+    response = to_py(response)
+    try:
+        choice = response["choices"][0]
+        text = choice["message"]["content"] or ""
+        usage = response.get("usage") or {}
+        generated = int(usage.get("completion_tokens") or 0)
+        reason = choice.get("finish_reason") or finish_reason(generated, max_tokens)
+    except (KeyError, IndexError, TypeError):
+        return error_output("bad response: " + json.dumps(response, default=str)[:500])
+    return {
+        "generated_text": text,
+        "num_input_tokens": int(usage.get("prompt_tokens") or 0),
+        "num_generated_tokens": generated,
+        "finish_reason": "length" if reason == "length" else "stop",
+        "engine_error": None,
+    }
+
+
+def _outputs(batch: pa.Table, keep: list[str]) -> pa.Table:
+    outputs = []
+    for params, response in zip(
+        batch.column("sampling_params").to_pylist(),
+        batch.column("http_response").to_pylist(),
+        strict=True,
+    ):
+        skip = params["max_tokens"] == 0
+        outputs.append(SKIPPED if skip else response_output(response, params["max_tokens"]))
+    return with_outputs(batch, keep, outputs)
+
+
+def apply_http(ds: Any, cfg: EngineConfig, keep: list[str]) -> Any:
+    from ray.data.llm import build_processor
+
+    processor = build_processor(
+        processor_config(cfg), preprocess=functools.partial(_preprocess, cfg=cfg)
+    )
+    return processor(ds).map_batches(_outputs, fn_kwargs={"keep": keep}, batch_format="pyarrow")

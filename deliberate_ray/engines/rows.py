@@ -1,0 +1,89 @@
+"""The engine row contract, shared by the three back ends.
+
+In: `messages` (OpenAI chat format; a trailing assistant message is a prefill that the model
+continues) and `sampling_params` (`max_tokens`, `temperature`, `top_p`, `stop`, `seed`).
+`max_tokens == 0` asks for no generation: the row passes through as `skipped` (engines that
+cannot skip send a 1-token request and blank it). Out: the kept columns plus OUTPUT_FIELDS.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pyarrow as pa
+
+from deliberate_ray.config import SamplingConfig
+
+SAMPLING_PARAMS = pa.struct(
+    [
+        ("max_tokens", pa.int32()),
+        ("temperature", pa.float64()),
+        ("top_p", pa.float64()),
+        ("stop", pa.list_(pa.string())),
+        ("seed", pa.int64()),
+    ]
+)
+OUTPUT_FIELDS = [
+    pa.field("generated_text", pa.string()),
+    pa.field("num_input_tokens", pa.int32()),
+    pa.field("num_generated_tokens", pa.int32()),
+    pa.field("finish_reason", pa.string()),  # stop | length | skipped | error
+    pa.field("engine_error", pa.string()),
+]
+OUTPUT_NAMES = [f.name for f in OUTPUT_FIELDS]
+SKIPPED: dict[str, Any] = {
+    "generated_text": "",
+    "num_input_tokens": 0,
+    "num_generated_tokens": 0,
+    "finish_reason": "skipped",
+    "engine_error": None,
+}
+
+
+def sampling_params(
+    cfg: SamplingConfig, extra_stop: list[str] | None = None, seed: int | None = None
+) -> dict[str, Any]:
+    """One row's sampling params: the config's, plus stage stop strings and a per-row seed."""
+    stop = list(dict.fromkeys([*cfg.stop, *(extra_stop or [])]))
+    return {
+        "max_tokens": cfg.max_tokens,
+        "temperature": cfg.temperature,
+        "top_p": cfg.top_p,
+        "stop": stop,
+        "seed": seed,
+    }
+
+
+def split_prefill(messages: list[dict[str, str]]) -> tuple[list[dict[str, str]], str | None]:
+    """A trailing assistant message is a prefill: (conversation before it, its text)."""
+    if messages and messages[-1]["role"] == "assistant":
+        return messages[:-1], messages[-1]["content"]
+    return messages, None
+
+
+def error_output(message: str) -> dict[str, Any]:
+    return SKIPPED | {"finish_reason": "error", "engine_error": message[:2000]}
+
+
+def finish_reason(num_generated: int, max_tokens: int) -> str:
+    """For back ends that do not report it: hitting max_tokens means cut off."""
+    return "length" if num_generated >= max_tokens else "stop"
+
+
+def with_outputs(batch: pa.Table, keep: list[str], outputs: list[dict[str, Any]]) -> pa.Table:
+    """The kept input columns plus the engine outputs, typed as the contract says."""
+    cols = {name: batch.column(name) for name in keep}
+    for f in OUTPUT_FIELDS:
+        cols[f.name] = pa.array([o[f.name] for o in outputs], type=f.type)
+    return pa.table(cols)
+
+
+def to_py(value: Any) -> Any:
+    """Ray Data rows hold numpy arrays for list columns; turn them back into lists."""
+    if hasattr(value, "tolist") and not isinstance(value, str | bytes):
+        value = value.tolist()
+    if isinstance(value, dict):
+        return {k: to_py(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [to_py(v) for v in value]
+    return value

@@ -1,0 +1,154 @@
+"""The output folder of the generate stage: committed shards, resume, stats, dataset card.
+
+Layout: `tuples/`, `samples/`, `quarantine/` hold `part-<shard>.parquet` files, and
+`_commits/<shard>.json` lists the prompt ids (and stats) of each shard. A shard counts only
+once its commit file exists; every file is written to a temp name and renamed, so a killed
+run leaves at most uncommitted parts, which the next run deletes before it redoes those
+prompts. A prompt is therefore written exactly once, however often the run is killed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from deliberate_ray.contracts import JUDGED, QUARANTINE, TUPLE
+
+TABLES: dict[str, pa.Schema] = {"tuples": TUPLE, "samples": JUDGED, "quarantine": QUARANTINE}
+COMMITS = "_commits"
+PROMPTS_SHARD = "prompts"  # the prompt loader's quarantine, rewritten by every run
+
+
+def _atomic_write(path: Path, data: bytes | pa.Table) -> None:
+    tmp = path.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{path.name}")
+    if isinstance(data, pa.Table):
+        pq.write_table(data, tmp)
+    else:
+        tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+class ShardStore:
+    """Resumable, shard-by-shard writer of the generate outputs."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        for name in [*TABLES, COMMITS]:
+            (self.root / name).mkdir(parents=True, exist_ok=True)
+        self.commits = self._read_commits()
+        self._remove_uncommitted()
+        self.run_tag = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        self.seq = 0
+
+    def _read_commits(self) -> dict[str, dict[str, Any]]:
+        out = {}
+        for f in sorted((self.root / COMMITS).glob("*.json")):
+            out[f.stem] = json.loads(f.read_text())
+        return out
+
+    def _remove_uncommitted(self) -> None:
+        for name in TABLES:
+            for f in (self.root / name).iterdir():
+                shard = f.name.removeprefix("part-").removesuffix(".parquet")
+                if f.name.startswith(".tmp-") or (
+                    shard not in self.commits and shard != PROMPTS_SHARD
+                ):
+                    f.unlink()
+
+    @property
+    def done_ids(self) -> set[str]:
+        return {i for c in self.commits.values() for i in c["ids"]}
+
+    def path(self, name: str) -> Path:
+        return self.root / name
+
+    def write_prompt_quarantine(self, table: pa.Table) -> None:
+        _atomic_write(self.root / "quarantine" / f"part-{PROMPTS_SHARD}.parquet", table)
+
+    def commit(
+        self, ids: list[str], tables: dict[str, list[dict[str, Any]]], stats: dict[str, Any]
+    ) -> str:
+        """Write one shard's parts, then its commit file (the moment the shard counts)."""
+        shard = f"{self.run_tag}-{self.seq:05d}"
+        self.seq += 1
+        for name, schema in TABLES.items():
+            table = pa.Table.from_pylist(tables[name], schema=schema)
+            _atomic_write(self.root / name / f"part-{shard}.parquet", table)
+        record = {"shard": shard, "ids": ids, "stats": stats}
+        _atomic_write(self.root / COMMITS / f"{shard}.json", json.dumps(record).encode())
+        self.commits[shard] = record
+        return shard
+
+    def totals(self) -> dict[str, Any]:
+        """Stats of every committed shard, summed (the whole output, over all runs)."""
+        return merge_stats(c["stats"] for c in self.commits.values())
+
+
+def merge_stats(parts: Any) -> dict[str, Any]:
+    """Sum nested dicts of counts (Counters at the leaves)."""
+    total: dict[str, Any] = {}
+    for part in parts:
+        for key, value in part.items():
+            if isinstance(value, dict):
+                total[key] = dict(Counter(total.get(key, {})) + Counter(value))
+            else:
+                total[key] = total.get(key, 0) + value
+    return total
+
+
+CARD = """\
+# deliberate-ray generated dataset
+
+Deliberative Alignment SFT tuples: prompt (spec stripped), chain of thought that cites the
+spec's policy ids, and answer; written by `deliberate-ray generate`.
+
+- spec: `{spec_path}` (variant `{variant}`, spec_sha `{spec_sha}`)
+- teacher: `{teacher}`, {samples_per_prompt} samples per prompt, reasoning format `{fmt}`
+- judge: `{judge}`, threshold {threshold}
+- prompts done: {prompts}; tuples: {kept} (acceptance rate {acceptance:.1%})
+- samples judged: {judged}; quarantined rows: {quarantined}
+
+## Files
+
+| folder | rows | contract |
+|---|---|---|
+| `tuples/` | {kept} | `id`, `messages` (no spec), `cot`, `answer`, `category`, `score`, ... |
+| `samples/` | {judged} | every judged sample: `judge_scores`, `score`, `checks`, `keep`, ... |
+| `quarantine/` | {quarantined} | `id`, `stage`, `reason`, `raw`: every dropped row and why |
+
+`stats.json` has counts per stage, reason and category, tokens and throughput.
+
+```python
+import datasets, ray
+datasets.load_dataset("parquet", data_files="{root}/tuples/*.parquet")
+ray.data.read_parquet("{root}/tuples")
+```
+
+## Quarantine and rejection reasons
+
+{reasons}
+"""
+
+
+def write_card(root: Path, info: dict[str, Any], stats: dict[str, Any]) -> None:
+    reasons = Counter(stats.get("quarantine", {})) + Counter(stats.get("rejected", {}))
+    lines = [f"- `{r}`: {n}" for r, n in sorted(reasons.items())] or ["- none"]
+    text = CARD.format(
+        **info,
+        root=root,
+        prompts=stats.get("prompts", 0),
+        kept=stats.get("kept", 0),
+        judged=stats.get("judged", 0),
+        quarantined=sum(stats.get("quarantine", {}).values()),
+        acceptance=stats.get("acceptance_rate", 0.0),
+        reasons="\n".join(lines),
+    )
+    _atomic_write(root / "README.md", text.encode())
