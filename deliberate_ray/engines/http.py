@@ -3,6 +3,10 @@
 The API key comes from the environment variable named by `api_key_env` (never from the
 config file). A prefilled assistant turn is sent with vLLM's `continue_final_message`
 extension, so prefill needs a vLLM-style server (our Serve app or `vllm serve`).
+
+Ray Data stores the payloads as an Arrow struct, which gives every row every key (null where
+a row has none); the session drops those nulls, so a hosted API never sees a key it would
+reject.
 """
 
 from __future__ import annotations
@@ -36,7 +40,6 @@ def headers(cfg: EngineConfig) -> dict[str, str]:
 
 
 def processor_config(cfg: EngineConfig) -> Any:
-    import aiohttp
     from ray.data.llm import HttpRequestProcessorConfig
 
     assert cfg.base_url is not None  # EngineConfig validates it for kind http
@@ -47,10 +50,28 @@ def processor_config(cfg: EngineConfig) -> Any:
         max_retries=cfg.max_retries,
         batch_size=cfg.batch_size,
         concurrency=cfg.concurrency,
-        session_factory=functools.partial(
-            aiohttp.ClientSession, timeout=aiohttp.ClientTimeout(total=cfg.timeout_s)
-        ),
+        session_factory=functools.partial(NullDroppingSession, cfg.timeout_s),
     )
+
+
+class NullDroppingSession:
+    """An aiohttp session whose `post` drops top-level null fields from the JSON body."""
+
+    def __init__(self, timeout_s: float):
+        import aiohttp
+
+        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s))
+
+    async def __aenter__(self) -> NullDroppingSession:
+        await self.session.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.session.__aexit__(*exc)
+
+    def post(self, url: str, *, data: str, **kwargs: Any) -> Any:
+        body = {k: v for k, v in json.loads(data).items() if v is not None}
+        return self.session.post(url, data=json.dumps(body), **kwargs)
 
 
 def payload(row: dict[str, Any], cfg: EngineConfig) -> dict[str, Any]:

@@ -1,0 +1,193 @@
+"""Engines: the transformers generator, and the row contract on hf / http / vLLM back ends."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pytest
+from openai_stub import StubServer
+
+from deliberate_ray.config import EngineConfig, SamplingConfig
+from deliberate_ray.contracts import MESSAGES
+from deliberate_ray.engines import apply_engine
+from deliberate_ray.engines.hf import GenRequest, HFGenerator
+from deliberate_ray.engines.rows import OUTPUT_NAMES, SAMPLING_PARAMS, sampling_params
+
+SYSTEM = {"role": "system", "content": "You are a helpful assistant. " * 8}
+
+
+def chat(text: str) -> list[dict[str, str]]:
+    return [SYSTEM, {"role": "user", "content": text}]
+
+
+@pytest.fixture(scope="module")
+def generator(tiny_model) -> HFGenerator:
+    return HFGenerator(tiny_model, device="cpu", torch_threads=2)
+
+
+def test_greedy_matches_transformers_generate(generator):
+    import torch
+
+    req = GenRequest(chat("Name a colour."), max_tokens=12, temperature=0.0)
+    ids = generator.tokenizer(
+        generator.prompt_text(req), return_tensors="pt", add_special_tokens=False
+    )
+    with torch.inference_mode():
+        ref = generator.model.generate(**ids, max_new_tokens=12, do_sample=False, min_new_tokens=12)
+    want = generator.tokenizer.decode(ref[0, ids.input_ids.shape[1] :], skip_special_tokens=True)
+    # Batched with other prompts (shared prefix + left padding), the row is unchanged.
+    others = [GenRequest(chat(f"Question {i} is a longer one."), 12, 0.0) for i in range(3)]
+    got = generator.generate([*others, req])[-1]
+    assert got.generated_text == want
+    assert got.num_generated_tokens == 12 and got.finish_reason == "length"
+    assert got.num_input_tokens == ids.input_ids.shape[1]
+
+
+def test_seeds_are_deterministic_and_rows_independent(generator):
+    reqs = [GenRequest(chat("Tell me a story."), 10, 1.0, seed=s) for s in (1, 1, 2)]
+    a = generator.generate(reqs)
+    b = generator.generate(list(reversed(reqs)))[::-1]
+    assert [r.generated_text for r in a] == [r.generated_text for r in b]
+    assert a[0].generated_text == a[1].generated_text != a[2].generated_text
+
+
+def test_stop_strings_prefill_and_mixed_params(generator):
+    free = generator.generate([GenRequest(chat("Hi"), 24, 0.0)])[0].generated_text
+    stop = free[5:8]  # a string the greedy text will produce
+    mixed = [
+        GenRequest(chat("Hi"), 24, 0.0, stop=[stop]),
+        GenRequest(chat("Hi"), 3, 0.9, seed=0),
+        GenRequest(chat("Hi"), 24, 0.0, prefill="Reasoning:"),
+    ]
+    cut, short, prefilled = generator.generate(mixed)
+    assert cut.finish_reason == "stop" and cut.generated_text == free[: free.index(stop)]
+    assert short.num_generated_tokens == 3 and short.finish_reason == "length"
+    assert prefilled.num_input_tokens > cut.num_input_tokens
+    assert not prefilled.generated_text.startswith("Reasoning:")
+
+
+def test_prompt_longer_than_the_model_is_an_error(generator):
+    with pytest.raises(ValueError, match="exceeds the model's"):
+        generator.generate([GenRequest(chat("Hi"), max_tokens=100_000)])
+
+
+def request_table(rows: list[dict]) -> pa.Table:
+    schema = pa.schema(
+        [("id", pa.string()), ("messages", MESSAGES), ("sampling_params", SAMPLING_PARAMS)]
+    )
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def rows_for_engine() -> list[dict]:
+    sp = sampling_params(SamplingConfig(max_tokens=6, temperature=0.0), ["\nUser:"])
+    prefilled = [*chat("Why is the sky blue?"), {"role": "assistant", "content": "Reasoning:"}]
+    return [
+        {"id": "plain", "messages": chat("Hello"), "sampling_params": sp},
+        {"id": "prefill", "messages": prefilled, "sampling_params": sp},
+        {"id": "skip", "messages": chat("-"), "sampling_params": sp | {"max_tokens": 0}},
+        {"id": "too_long", "messages": chat("Hi"), "sampling_params": sp | {"max_tokens": 99_999}},
+    ]
+
+
+@pytest.mark.ray
+def test_hf_engine_on_ray_data(ray_session, tiny_model):
+    ds = ray_session.data.from_arrow(request_table(rows_for_engine()))
+    cfg = EngineConfig(kind="hf", model=tiny_model, batch_size=4, num_cpus=0.5, torch_threads=1)
+    out = {r["id"]: r for r in apply_engine(ds, cfg, keep=["id"]).take_all()}
+    assert set(next(iter(out.values()))) == {"id", *OUTPUT_NAMES}
+    assert out["plain"]["num_generated_tokens"] == 6 and out["plain"]["engine_error"] is None
+    assert out["prefill"]["num_input_tokens"] > out["plain"]["num_input_tokens"]
+    assert out["skip"]["finish_reason"] == "skipped" and out["skip"]["generated_text"] == ""
+    # One bad row fails alone; the rest of its batch still generates.
+    assert out["too_long"]["finish_reason"] == "error"
+    assert "exceeds the model's" in out["too_long"]["engine_error"]
+
+
+def echo(body: dict) -> str:
+    return "echo: " + body["messages"][-1]["content"]
+
+
+@pytest.mark.ray
+def test_http_engine_against_a_local_server(ray_session, monkeypatch):
+    monkeypatch.setenv("STUB_KEY", "sk-test")
+    with StubServer(echo, api_key="sk-test") as server:
+        cfg = EngineConfig(
+            kind="http",
+            model="stub",
+            base_url=server.base_url,
+            api_key_env="STUB_KEY",
+            batch_size=2,
+            max_retries=0,
+        )
+        rows = rows_for_engine()[:3]
+        ds = ray_session.data.from_arrow(request_table(rows))
+        out = {r["id"]: r for r in apply_engine(ds, cfg, keep=["id"]).take_all()}
+        sent = {r["messages"][-1]["content"]: r for r in server.requests}
+    assert out["plain"]["generated_text"] == "echo: Hello"
+    assert out["plain"]["num_input_tokens"] == 100 and out["plain"]["finish_reason"] == "stop"
+    assert out["prefill"]["generated_text"] == "echo: Reasoning:"
+    assert out["skip"]["finish_reason"] == "skipped" and out["skip"]["generated_text"] == ""
+    assert sent["Reasoning:"]["continue_final_message"] is True
+    assert "continue_final_message" not in sent["Hello"]
+    assert sent["Hello"]["stop"] == ["\nUser:"] and sent["Hello"]["max_tokens"] == 6
+    assert sent["-"]["max_tokens"] == 1  # skipped rows cost one token on engines that cannot skip
+    assert {r["_auth"] for r in server.requests} == {"Bearer sk-test"}
+
+
+def test_http_key_must_be_in_the_environment(monkeypatch):
+    from deliberate_ray.engines.http import processor_config
+
+    monkeypatch.delenv("NO_SUCH_KEY", raising=False)
+    cfg = EngineConfig(kind="http", base_url="http://x/v1", api_key_env="NO_SUCH_KEY")
+    with pytest.raises(ValueError, match="NO_SUCH_KEY"):
+        processor_config(cfg)
+
+
+def test_http_error_body_becomes_an_engine_error():
+    from deliberate_ray.engines.http import response_output
+
+    out = response_output({"error": {"message": "model not found"}}, max_tokens=8)
+    assert out["finish_reason"] == "error" and "model not found" in out["engine_error"]
+
+
+@pytest.mark.ray
+def test_vllm_processor_config_field_by_field(ray_session, tiny_model):
+    from deliberate_ray.engines import vllm
+
+    cfg = EngineConfig(
+        kind="vllm",
+        model=tiny_model,
+        batch_size=32,
+        concurrency=2,
+        accelerator_type="L40S",
+        engine_kwargs={
+            "tensor_parallel_size": 4,
+            "max_model_len": 8192,
+            "enable_prefix_caching": True,
+        },
+        chat_template_kwargs={"enable_thinking": True},
+    )
+    pc = vllm.processor_config(cfg)
+    assert pc.model_source == tiny_model
+    assert pc.batch_size == 32 and pc.concurrency == 2 and pc.accelerator_type == "L40S"
+    assert pc.engine_kwargs == {
+        "tensor_parallel_size": 4,
+        "max_model_len": 8192,
+        "enable_prefix_caching": True,
+        "task_type": "generate",
+    }
+    assert pc.should_continue_on_error is True
+    stages = {type(s).__name__: s for s in vllm.build(cfg).stages.values()}
+    assert list(stages) == [
+        "ChatTemplateStage",
+        "TokenizeStage",
+        "vLLMEngineStage",
+        "DetokenizeStage",
+    ]
+    assert stages["ChatTemplateStage"].fn_constructor_kwargs["chat_template_kwargs"] == {
+        "enable_thinking": True
+    }
+    engine = stages["vLLMEngineStage"]
+    assert engine.fn_constructor_kwargs["engine_kwargs"]["tensor_parallel_size"] == 4
+    assert engine.fn_constructor_kwargs["engine_kwargs"]["distributed_executor_backend"] == "ray"
+    assert engine.map_batches_kwargs["accelerator_type"] == "L40S"
+    assert engine.map_batches_kwargs["compute"].max_size == 2
