@@ -237,3 +237,38 @@ def classify_refusal(prompt: str, completion: str) -> str:
 
 def is_refusal(label: str) -> bool:
     return label != "full_compliance"
+
+
+def grade_file(inp: Path, out: Path, batch_size: int = 64) -> dict[str, int]:
+    """`deliberate-ray grade`: JSONL rows with `prompt` and `completion` -> the same rows
+    with `label` and `refusal` added. Every row is checked before any is graded."""
+    from tqdm import tqdm
+
+    rows = []
+    for n, line in enumerate(inp.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{inp}:{n}: invalid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{inp}:{n}: expected a JSON object, got {type(row).__name__}")
+        for field in ("prompt", "completion"):
+            if not isinstance(row.get(field), str):
+                got = type(row.get(field)).__name__
+                raise ValueError(f"{inp}:{n}: {field}: expected a string, got {got}")
+        rows.append(row)
+    counts = dict.fromkeys(LABELS, 0)
+    tmp = out.with_name(out.name + f".{os.getpid()}.tmp")
+    with tmp.open("w", encoding="utf-8") as f, tqdm(total=len(rows), unit="row") as bar:
+        for i in range(0, len(rows), batch_size):
+            batch = rows[i : i + batch_size]
+            labels = classify_refusals([(r["prompt"], r["completion"]) for r in batch])
+            for row, label in zip(batch, labels, strict=True):
+                counts[label] += 1
+                row = row | {"label": label, "refusal": is_refusal(label)}
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            bar.update(len(batch))
+    tmp.replace(out)
+    return counts
