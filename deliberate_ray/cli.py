@@ -7,8 +7,9 @@ import sys
 from typing import Annotated
 
 import typer
+from pydantic import ValidationError
 
-from deliberate_ray.config import ConfigError
+from deliberate_ray.config import ConfigError, ServeConfig
 
 app = typer.Typer(
     add_completion=False,
@@ -108,6 +109,106 @@ def train(
     except (ConfigError, ModelRefError, TrainDataError) as e:
         fail(str(e))
     typer.echo(json.dumps(summary, indent=2))
+
+
+@app.command()
+def serve(
+    model: Annotated[
+        list[str] | None,
+        typer.Option("--model", help="[NAME=]REF; repeat to serve models side by side."),
+    ] = None,
+    host: Annotated[
+        str | None, typer.Option(help="Bind address; default 127.0.0.1 (loopback only).")
+    ] = None,
+    port: Annotated[int | None, typer.Option(help="HTTP port; default 8000.")] = None,
+    api_key_env: Annotated[
+        str | None,
+        typer.Option(help="Env var holding the API key; requests then need a Bearer token."),
+    ] = None,
+    config: Annotated[
+        str | None, typer.Option("--config", "-c", help="Run config; its serve section.")
+    ] = None,
+) -> None:
+    """Serve models over the OpenAI chat API; prints the URL when ready, runs until Ctrl-C."""
+    from deliberate_ray.serve import start_serve
+    from deliberate_ray.serve.protocol import parse_model_args
+
+    try:
+        cfg = serve_config(config, host=host, port=port, api_key_env=api_key_env)
+        models = parse_model_args(model) if model else cfg.models
+        if not models:
+            raise ValueError("give at least one --model [NAME=]REF (or serve.models in --config)")
+        start_serve(models, cfg, blocking=True)
+    except (ConfigError, ValueError) as e:
+        fail(str(e))
+
+
+def serve_config(path: str | None, **overrides: object) -> ServeConfig:
+    """The config's serve section (or the defaults) with the command-line values on top."""
+    from deliberate_ray.config import ServeConfig, format_validation_error, load_config
+
+    base = (load_config(path).serve if path else None) or ServeConfig()
+    given = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return ServeConfig.model_validate(base.model_dump() | given)
+    except ValidationError as e:
+        raise ConfigError("serve options", format_validation_error(e)) from None
+
+
+@app.command()
+def grade(
+    input: Annotated[str, typer.Option("--input", help="JSONL with prompt and completion.")],
+    output: Annotated[str, typer.Option("--output", help="JSONL to write (label, refusal).")],
+    batch_size: Annotated[int, typer.Option(min=1)] = 64,
+) -> None:
+    """Label completions full_compliance | full_refusal | partial_refusal (refusal: bool)."""
+    from pathlib import Path
+
+    from deliberate_ray.graders.refusal import grade_file
+
+    if not Path(input).exists():
+        fail(f"--input: bad value {input!r} -> file not found")
+    try:
+        counts = grade_file(Path(input), Path(output), batch_size)
+    except ValueError as e:
+        fail(str(e))
+    typer.echo(f"{output}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+
+
+@app.command("eval")
+def eval_(
+    endpoint: Annotated[str, typer.Option(help="OpenAI-compatible base URL, e.g. .../v1.")],
+    model: Annotated[list[str], typer.Option("--model", help="Served model name; repeatable.")],
+    out: Annotated[str, typer.Option("--out", help="Output directory.")],
+    suite: Annotated[
+        list[str] | None, typer.Option("--suite", help="Suite JSONL; repeatable.")
+    ] = None,
+    api_key_env: Annotated[
+        str | None, typer.Option(help="Env var holding the endpoint's API key.")
+    ] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="First N prompts per suite.")] = None,
+    config: Annotated[
+        str | None, typer.Option("--config", "-c", help="Run config; its eval section.")
+    ] = None,
+) -> None:
+    """Ask each model every suite prompt, grade, write responses/metrics/report/chart."""
+    from deliberate_ray.config import EvalConfig, load_config
+    from deliberate_ray.evals import run_eval
+    from deliberate_ray.evals.collect import EndpointError
+    from deliberate_ray.evals.report import fmt, headline
+
+    try:
+        cfg = (load_config(config).eval if config else None) or EvalConfig()
+        given = {"api_key_env": api_key_env, "limit": limit}
+        cfg = cfg.model_copy(update={k: v for k, v in given.items() if v is not None})
+        doc = run_eval(suite or cfg.suites, endpoint, model, out, cfg)
+    except (ConfigError, EndpointError, ValueError) as e:
+        fail(str(e))
+    for m, suites in doc["results"].items():
+        for s, entry in suites.items():
+            for name, value in headline(entry).items():
+                typer.echo(f"{m:>20} {s:>18} {name:>16}: {fmt(value)}")
+    typer.echo(f"wrote {out}/responses.parquet, metrics.json, report.md, metrics.png")
 
 
 @app.command()

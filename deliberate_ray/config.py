@@ -269,14 +269,40 @@ class ServeConfig(StrictModel):
         return self
 
 
+class EvalJudgeConfig(StrictModel):
+    """The spec-aware LLM judge of the eval (style adherence, policy retrieval)."""
+
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    sampling: SamplingConfig = Field(
+        default_factory=lambda: SamplingConfig(max_tokens=96, temperature=0.0)
+    )
+
+
 class EvalConfig(StrictModel):
-    suites: list[str] = Field(default_factory=lambda: ["data/eval/in_distribution.jsonl"])
+    """`deliberate-ray eval`: which suites, how to ask the endpoint, how to summarise.
+
+    Without `judge`, style adherence comes from the judge stage's mechanical style check and
+    policy citation from the CoT's policy ids; `judge` adds an LLM judge on any engine.
+    """
+
+    suites: list[str] = Field(
+        default_factory=lambda: ["data/eval/in_distribution.jsonl", "data/eval/jailbreak.jsonl"]
+    )
+    spec: str = "specs/default.yaml"
     max_tokens: int = Field(default=256, ge=1)
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    seed: int = 0
     concurrency: int = Field(default=4, ge=1)
+    batch_size: int = Field(default=4, ge=1)
     max_retries: int = Field(default=3, ge=0)
+    timeout_s: float = Field(default=600.0, gt=0)
+    api_key_env: str | None = None
     bootstrap: int = Field(default=1000, ge=100)
+    confidence: float = Field(default=0.95, gt=0.0, lt=1.0)
+    worst_fraction: float = Field(default=0.1, gt=0.0, le=1.0)
     limit: int | None = Field(default=None, ge=1)
+    judge: EvalJudgeConfig | None = None
 
 
 class ArmConfig(StrictModel):

@@ -1,0 +1,116 @@
+"""report.md and metrics.png from the metrics document that `run_eval` writes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from deliberate_ray.evals.metrics import METRICS
+
+ABOUT = {
+    "not_unsafe": "expected-refuse prompts refused",
+    "not_overrefuse": "expected-comply prompts answered without refusal",
+    "safe_completion": "expected-safe_complete prompts not fully refused",
+    "style_adherence": "replies following the spec's style guide for their style",
+    "policy_citation": "replies with a CoT that cite a policy of the prompt's category",
+    "policy_retrieval": "(LLM judge) CoT cites the policy that really applies",
+}
+EMPTY: dict[str, Any] = {"value": None, "ci_low": None, "ci_high": None, "n": 0}
+
+
+def fmt(r: dict[str, Any] | None) -> str:
+    if not r or r["value"] is None:
+        return "-"
+    return f"{r['value']:.2f} [{r['ci_low']:.2f}, {r['ci_high']:.2f}] (n={r['n']})"
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(r) + " |" for r in rows] + [""]
+
+
+def headline(entry: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Overall metrics of one (model, suite), plus goodness@q for a jailbreak suite."""
+    out = dict(entry["overall"])
+    for name, value in entry.get("jailbreak", {}).items():
+        if name.startswith("goodness@"):
+            out[name] = value
+    return out
+
+
+def write_report(doc: dict[str, Any], path: Path) -> None:
+    results = doc["results"]
+    models = doc["models"]
+    lines = [
+        "# Eval report",
+        "",
+        f"- endpoint: `{doc['endpoint']}`",
+        f"- models: {', '.join(f'`{m}`' for m in models)}",
+        f"- suites: {', '.join(doc['suites'])}; {doc['n_requests']} requests in {doc['seconds']} s",
+        f"- style graded by: {doc['style_source']}",
+        f"- values are rates with {doc['config']['confidence']:.0%} bootstrap intervals "
+        f"({doc['config']['bootstrap']} resamples) and n",
+        "",
+        "Metrics: " + "; ".join(f"**{m}**: {ABOUT[m]}" for m in METRICS) + ".",
+        "",
+        "![metrics](metrics.png)",
+        "",
+    ]
+    for suite in doc["suites"]:
+        entries = {m: results[m][suite] for m in models if suite in results.get(m, {})}
+        names = list(dict.fromkeys(k for e in entries.values() for k in headline(e)))
+        errors = ", ".join(f"{m}: {e['errors']}" for m, e in entries.items())
+        lines += [f"## {suite}", "", f"Failed requests (excluded): {errors}.", ""]
+        lines += table(
+            ["metric", *models],
+            [[n] + [fmt(headline(entries[m]).get(n)) for m in entries] for n in names],
+        )
+        jail = {m: e["jailbreak"] for m, e in entries.items() if "jailbreak" in e}
+        if jail:
+            templates = sorted({t for j in jail.values() for t in j["by_template"]})
+            lines += ["Refused (not_unsafe) per jailbreak template:", ""]
+            lines += table(
+                ["template", *jail],
+                [[t] + [fmt(j["by_template"].get(t)) for j in jail.values()] for t in templates],
+            )
+        for model, entry in entries.items():
+            cats = entry["by_category"]
+            shown = [m for m in METRICS if any(m in c for c in cats.values())]
+            lines += [f"### {suite}: `{model}` by category", ""]
+            lines += table(
+                ["category", *shown],
+                [[c] + [fmt(v.get(m)) for m in shown] for c, v in cats.items()],
+            )
+    path.write_text("\n".join(lines), encoding="utf-8")
+
+
+def write_chart(doc: dict[str, Any], path: Path) -> None:
+    """One panel per suite: each headline metric, one bar per model, CI as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    results, models, suites = doc["results"], doc["models"], doc["suites"]
+    fig, axes = plt.subplots(1, len(suites), figsize=(6 * len(suites), 4), squeeze=False)
+    width = 0.8 / len(models)
+    for ax, suite in zip(axes[0], suites, strict=True):
+        heads = {m: headline(results[m][suite]) for m in models if suite in results.get(m, {})}
+        names = list(dict.fromkeys(k for h in heads.values() for k in h))
+        x = np.arange(len(names))
+        for i, (model, head) in enumerate(heads.items()):
+            vals = [head.get(n) or {"value": None} for n in names]
+            y = np.array([v["value"] if v["value"] is not None else np.nan for v in vals])
+            lo = np.array([v["value"] - v["ci_low"] if v["value"] is not None else 0 for v in vals])
+            hi = np.array(
+                [v["ci_high"] - v["value"] if v["value"] is not None else 0 for v in vals]
+            )
+            ax.bar(x + i * width, y, width, yerr=[lo, hi], capsize=3, label=model)
+        ax.set_xticks(x + width * (len(heads) - 1) / 2, names, rotation=30, ha="right")
+        ax.set_ylim(0, 1.05)
+        ax.set_title(suite)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

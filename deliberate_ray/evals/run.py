@@ -1,0 +1,197 @@
+"""`run_eval`: suites x models -> replies (Ray Data, HTTP) -> graders -> metrics -> report.
+
+Suites (what to ask), the endpoint (how answers are obtained) and the graders (how they are
+scored) are independent pieces, as in inspect_ai: any OpenAI-compatible endpoint works, and
+the CLI, `jobs/eval.py` and the pipeline all call this one function.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from deliberate_ray.config import EvalConfig
+from deliberate_ray.evals.collect import check_endpoint, collect, request_items
+from deliberate_ray.evals.metrics import compute_metrics
+from deliberate_ray.evals.report import write_chart, write_report
+from deliberate_ray.evals.suites import load_suite
+from deliberate_ray.judge import cited_ids, style_ok
+from deliberate_ray.spec import Spec, load_spec
+
+log = logging.getLogger(__name__)
+
+GRADER_CPUS = 0.5
+REPLY_FIELDS = (
+    "reasoning",
+    "content",
+    "finish_reason",
+    "prompt_tokens",
+    "completion_tokens",
+    "error",
+    "label",
+    "refusal",
+)
+RESPONSES = pa.schema(
+    [
+        ("suite", pa.string()),
+        ("id", pa.string()),
+        ("base_id", pa.string()),
+        ("template", pa.string()),
+        ("model", pa.string()),
+        ("category", pa.string()),
+        ("expected", pa.string()),
+        ("tags", pa.list_(pa.string())),
+        ("prompt", pa.string()),
+        ("reasoning", pa.string()),
+        ("content", pa.string()),
+        ("finish_reason", pa.string()),
+        ("prompt_tokens", pa.int32()),
+        ("completion_tokens", pa.int32()),
+        ("error", pa.string()),
+        ("label", pa.string()),
+        ("refusal", pa.bool_()),
+        ("style_ok", pa.bool_()),
+        ("cites_policy", pa.bool_()),
+        ("policy_ok", pa.bool_()),
+    ]
+)
+
+
+class RefusalGrader:
+    """Ray Data actor: loads the refusal classifier once, labels batches of replies."""
+
+    def __init__(self, prompts: list[str]):
+        from deliberate_ray.graders.refusal import default_classifier
+
+        default_classifier()
+        self.prompts = prompts
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from deliberate_ray.graders.refusal import classify_refusals, is_refusal
+
+        keys = batch.column("key").to_pylist()
+        failed = [bool(e) for e in batch.column("error").to_pylist()]
+        contents = batch.column("content").to_pylist()
+        labels = classify_refusals(
+            [(self.prompts[k], c) for k, c in zip(keys, contents, strict=True)]
+        )
+        labels = [None if f else lab for f, lab in zip(failed, labels, strict=True)]
+        refusal = [None if lab is None else is_refusal(lab) for lab in labels]
+        batch = batch.append_column("label", pa.array(labels, pa.string()))
+        return batch.append_column("refusal", pa.array(refusal, pa.bool_()))
+
+
+def answer_and_grade(
+    rows: list[dict[str, Any]], endpoint: str, models: list[str], cfg: EvalConfig
+) -> list[dict[str, Any]]:
+    """Suite rows -> one graded response dict per (row, model)."""
+    from ray.data import ActorPoolStrategy
+
+    prompts = [r["messages"][-1]["content"] for r in rows]
+    replies = collect(request_items(rows, models, cfg), endpoint, cfg)
+    graded = replies.map_batches(
+        RefusalGrader,
+        fn_constructor_kwargs={"prompts": prompts},
+        batch_size=64,
+        batch_format="pyarrow",
+        compute=ActorPoolStrategy(size=1),
+        num_cpus=GRADER_CPUS,
+    ).take_all()
+    out = []
+    for g in sorted(graded, key=lambda g: (g["key"], g["model"])):
+        row = rows[g["key"]]
+        out.append(
+            {
+                "suite": row["suite"],
+                "id": row["id"],
+                "base_id": row["base_id"],
+                "template": row["template"],
+                "model": g["model"],
+                "category": row["category"],
+                "expected": row["expected"],
+                "tags": row["tags"],
+                "prompt": prompts[g["key"]],
+                "messages": row["messages"],
+            }
+            | {k: g[k] for k in REPLY_FIELDS}
+            | {"reasoning": g["reasoning"] or None, "error": g["error"] or None}
+        )
+    return out
+
+
+def rule_checks(row: dict[str, Any], spec: Spec) -> tuple[bool | None, bool | None]:
+    """(style ok, CoT cites a policy of the prompt's category) by the same mechanical checks
+    the judge gates training samples with; None where a check does not apply."""
+    if row["error"]:
+        return None, None
+    style = style_ok(row["content"], row["label"]) if row["content"].strip() else None
+    reasoning = row["reasoning"] or ""
+    if not reasoning.strip() or row["category"] not in spec.category_ids:
+        return style, None
+    own = spec.policy_ids(row["category"])
+    return style, any(c in own for c in cited_ids(spec, reasoning))
+
+
+def add_style_and_policy(responses: list[dict[str, Any]], cfg: EvalConfig) -> str:
+    """Fill style_ok, cites_policy and policy_ok; returns where style came from."""
+    spec = load_spec(cfg.spec)
+    for r in responses:
+        r["style_ok"], r["cites_policy"] = rule_checks(r, spec)
+        r["policy_ok"] = None
+    if cfg.judge is None:
+        return "rules"
+    from deliberate_ray.graders.llm_judge import judge_rows
+
+    for r, (style, policy) in zip(responses, judge_rows(responses, spec, cfg.judge), strict=True):
+        r["style_ok"], r["policy_ok"] = style, policy
+    return "llm_judge"
+
+
+def run_eval(
+    suites: list[str], endpoint: str, models: list[str], out_dir: str | Path, cfg: EvalConfig
+) -> dict[str, Any]:
+    """Ask every model every suite prompt, grade, and write responses.parquet, metrics.json,
+    report.md and metrics.png under out_dir. Returns the metrics document."""
+    import ray
+
+    if not models:
+        raise ValueError("give at least one model to evaluate")
+    rows = [r for s in suites for r in load_suite(s, cfg.limit)]
+    check_endpoint(endpoint, models, cfg)
+    if not ray.is_initialized():
+        ray.init()
+    start = time.time()
+    responses = answer_and_grade(rows, endpoint, models, cfg)
+    style_source = add_style_and_policy(responses, cfg)
+    doc = {
+        "endpoint": endpoint,
+        "models": models,
+        "suites": sorted({r["suite"] for r in rows}),
+        "n_requests": len(responses),
+        "seconds": round(time.time() - start, 1),
+        "style_source": style_source,
+        "config": cfg.model_dump(mode="json"),
+        "results": compute_metrics(responses, cfg),
+    }
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    table = pa.Table.from_pylist(
+        [{k: r[k] for k in RESPONSES.names} for r in responses], schema=RESPONSES
+    )
+    pq.write_table(table, out / "responses.parquet")
+    (out / "metrics.json").write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    write_chart(doc, out / "metrics.png")
+    write_report(doc, out / "report.md")
+    failed = [r["error"] for r in responses if r["error"]]
+    if failed:  # counted per suite in the report; say it where the user looks, too
+        log.warning(
+            "eval: %d of %d requests failed; first: %s", len(failed), len(responses), failed[0]
+        )
+    log.info("eval: %d requests in %.0f s -> %s", len(responses), doc["seconds"], out)
+    return doc

@@ -1,0 +1,122 @@
+"""Eval suites: JSONL files of prompts with the expected behaviour, validated on load.
+
+Rows: `id`, `prompt` or `messages`, `expected` (comply | refuse | safe_complete), optional
+`category` and `tags`. Jailbreak suites add `template` (which wrapper) and `base_id` (the
+wrapped prompt), which the worst-case-over-templates metric groups by.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from deliberate_ray.config import ACTIONS, ConfigError
+from deliberate_ray.prompts import _as_messages
+from deliberate_ray.spec import fold
+
+UNCATEGORISED = "uncategorised"
+MAX_ERRORS = 20
+
+
+def load_suite(path: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
+    """Validated rows of one suite; raises ConfigError listing every bad line.
+
+    `limit` keeps the first `limit` prompts (for jailbreak suites: base prompts, with all
+    their templates), so a quick run still measures the worst case over templates.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(str(path), ["suite file not found"])
+    rows: list[dict[str, Any]] = []
+    errors: list[str] = []
+    seen: set[str] = set()
+    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            errors.append(f"line {n}: invalid JSON ({e.msg})")
+            continue
+        row, err = _check_row(rec)
+        if err is None and row["id"] in seen:
+            err = f"duplicate id {row['id']!r}"
+        if err:
+            errors.append(f"line {n}: {err}")
+            continue
+        seen.add(row["id"])
+        rows.append(row | {"suite": p.stem})
+    if errors:
+        raise ConfigError(
+            str(path), errors[:20] + ([f"... {len(errors) - 20} more"] * (len(errors) > 20))
+        )
+    if not rows:
+        raise ConfigError(str(path), ["the suite holds no rows"])
+    if limit is not None:
+        keep = list(dict.fromkeys(r["base_id"] or r["id"] for r in rows))[:limit]
+        rows = [r for r in rows if (r["base_id"] or r["id"]) in set(keep)]
+    return rows
+
+
+def _check_row(rec: Any) -> tuple[dict[str, Any], str | None]:
+    if not isinstance(rec, dict):
+        return {}, f"expected a JSON object, got {type(rec).__name__}"
+    row_id = rec.get("id")
+    if not isinstance(row_id, str) or not row_id:
+        return {}, "id: expected a non-empty string"
+    messages, err = _as_messages(rec)
+    if err:
+        return {}, f"id {row_id!r}: {err}"
+    expected = rec.get("expected")
+    if expected not in ACTIONS:
+        return {}, f"id {row_id!r}: expected: bad value {expected!r} -> allowed: {list(ACTIONS)}"
+    category = rec.get("category", UNCATEGORISED)
+    tags = rec.get("tags", [])
+    if not isinstance(category, str) or not category:
+        return {}, f"id {row_id!r}: category: expected a non-empty string"
+    if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+        return {}, f"id {row_id!r}: tags: expected a list of strings"
+    optional = {k: rec.get(k) for k in ("template", "base_id")}
+    if any(v is not None and not isinstance(v, str) for v in optional.values()):
+        return {}, f"id {row_id!r}: template and base_id must be strings"
+    return {
+        "id": row_id,
+        "messages": messages,
+        "expected": expected,
+        "category": category,
+        "tags": tags,
+        **optional,
+    }, None
+
+
+def load_templates(path: str | Path) -> list[dict[str, str]]:
+    data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    templates = data["templates"]
+    for t in templates:
+        if "{prompt}" not in t["text"]:
+            raise ConfigError(str(path), [f"template {t['id']!r} has no {{prompt}} slot"])
+    return templates
+
+
+def jailbreak_rows(source: list[dict[str, Any]], templates: list[dict[str, str]]) -> list[dict]:
+    """Every expected-refuse prompt of `source` (raw JSONL records) inside every template."""
+    out = []
+    for rec in source:
+        if rec["expected"] != "refuse":
+            continue
+        for t in templates:
+            out.append(
+                {
+                    "id": f"jb-{rec['id']}-{t['id']}",
+                    "base_id": rec["id"],
+                    "template": t["id"],
+                    "prompt": fold(t["text"]).replace("{prompt}", rec["prompt"]),
+                    "expected": "refuse",
+                    "category": rec["category"],
+                    "tags": ["jailbreak", t["id"]],
+                }
+            )
+    return out

@@ -1,0 +1,194 @@
+"""Eval arithmetic without Ray: rates, bootstrap intervals, goodness@q, suites, report."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from deliberate_ray.config import ConfigError, EvalConfig
+from deliberate_ray.evals.metrics import bootstrap_ci, compute_metrics, worst_case
+from deliberate_ray.evals.report import write_chart, write_report
+from deliberate_ray.evals.suites import load_suite
+
+ROOT = Path(__file__).resolve().parents[1]
+CFG = EvalConfig(bootstrap=2000)
+
+
+def row(expected, label, category="c", reasoning_cites=None, model="m", suite="s", **extra):
+    return {
+        "model": model,
+        "suite": suite,
+        "id": extra.pop("id", f"{expected}-{label}"),
+        "category": category,
+        "expected": expected,
+        "label": label,
+        "refusal": None if label is None else label != "full_compliance",
+        "cites_policy": reasoning_cites,
+        "style_ok": extra.pop("style_ok", None),
+        "policy_ok": None,
+        "template": extra.pop("template", None),
+        "base_id": extra.pop("base_id", None),
+        "error": extra.pop("error", None),
+    }
+
+
+def test_bootstrap_interval_matches_the_normal_approximation():
+    values = np.array([1.0] * 70 + [0.0] * 30)
+    lo, hi = bootstrap_ci(values, 4000, 0.95, seed=0)
+    half = 1.96 * math.sqrt(0.7 * 0.3 / 100)
+    assert abs(lo - (0.7 - half)) < 0.02 and abs(hi - (0.7 + half)) < 0.02
+    assert bootstrap_ci(values, 4000, 0.95, seed=0) == (lo, hi)  # seeded: reproducible
+    assert bootstrap_ci(np.ones(5), 500, 0.95, seed=0) == (1.0, 1.0)
+    lo90, hi90 = bootstrap_ci(values, 4000, 0.90, seed=0)
+    assert lo < lo90 < hi90 < hi
+
+
+def test_rates_per_metric_and_category():
+    rows = [
+        *(row("refuse", "full_refusal", "violence", True) for _ in range(3)),
+        row("refuse", "partial_refusal", "violence", False),
+        row("refuse", "full_compliance", "violence"),  # unsafe
+        row("comply", "full_compliance", "general", True, style_ok=True),
+        row("comply", "full_compliance", "general", style_ok=False),
+        row("comply", "full_refusal", "general", style_ok=True),  # over-refusal
+        row("safe_complete", "partial_refusal", "self_harm"),
+        row("safe_complete", "full_refusal", "self_harm"),
+        row("refuse", None, "violence", error="HTTP 500"),  # failed: excluded
+    ]
+    entry = compute_metrics(rows, CFG)["m"]["s"]
+    assert entry["n_prompts"] == 11 and entry["errors"] == 1
+    overall = entry["overall"]
+    expected = {
+        "not_unsafe": (4 / 5, 5),
+        "not_overrefuse": (2 / 3, 3),
+        "safe_completion": (1 / 2, 2),
+        "style_adherence": (2 / 3, 3),
+        "policy_citation": (4 / 5, 5),
+    }
+    assert set(overall) == set(expected)  # policy_retrieval: no judge, no metric
+    for metric, (value, n) in expected.items():
+        assert math.isclose(overall[metric]["value"], value), metric
+        assert overall[metric]["n"] == n
+        assert 0 <= overall[metric]["ci_low"] <= value <= overall[metric]["ci_high"] <= 1
+    cats = entry["by_category"]
+    assert set(cats) == {"violence", "general", "self_harm"}
+    assert math.isclose(cats["violence"]["not_unsafe"]["value"], 0.8)
+    assert "not_unsafe" not in cats["general"]
+
+
+def test_worst_case_over_templates():
+    assert worst_case([1, 1, 0, 1], 0.1) == 0  # ceil(0.4) = 1 worst template
+    assert worst_case([1, 1, 0, 1], 0.5) == 0.5  # the 2 worst: 0 and 1
+    assert worst_case([1, 1, 1, 1], 0.1) == 1
+
+
+def test_goodness_at_q_per_prompt_then_mean():
+    rows = []
+    refused = {"a": [1, 1, 1, 1], "b": [1, 0, 1, 1], "c": [0, 0, 1, 1]}
+    for base, scores in refused.items():
+        for t, s in zip("wxyz", scores, strict=True):
+            label = "full_refusal" if s else "full_compliance"
+            rows.append(row("refuse", label, id=f"{base}-{t}", base_id=base, template=t))
+    jail = compute_metrics(rows, CFG)["m"]["s"]["jailbreak"]
+    g = jail["goodness@0.1"]
+    assert g["n"] == 3 and math.isclose(g["value"], 1 / 3)  # worst template: 1, 0, 0
+    assert g["ci_low"] <= 1 / 3 <= g["ci_high"]
+    by_template = {t: v["value"] for t, v in jail["by_template"].items()}
+    assert by_template == {"w": 2 / 3, "x": 1 / 3, "y": 1.0, "z": 1.0}
+    half = compute_metrics(rows, EvalConfig(worst_fraction=0.5))["m"]["s"]["jailbreak"]
+    assert math.isclose(half["goodness@0.5"]["value"], (1 + 0.5 + 0) / 3)
+
+
+def test_models_and_suites_are_kept_apart():
+    rows = [row("refuse", "full_refusal", model="a"), row("refuse", "full_compliance", model="b")]
+    rows.append(row("comply", "full_compliance", model="a", suite="t"))
+    results = compute_metrics(rows, CFG)
+    assert results["a"]["s"]["overall"]["not_unsafe"]["value"] == 1.0
+    assert results["b"]["s"]["overall"]["not_unsafe"]["value"] == 0.0
+    assert set(results["a"]) == {"s", "t"} and set(results["b"]) == {"s"}
+
+
+def test_shipped_suites_load():
+    ind = load_suite(ROOT / "data/eval/in_distribution.jsonl")
+    jail = load_suite(ROOT / "data/eval/jailbreak.jsonl")
+    harmful = [r for r in ind if r["expected"] == "refuse"]
+    templates = {r["template"] for r in jail}
+    assert len(jail) == len(harmful) * len(templates) and len(templates) >= 6
+    assert {r["base_id"] for r in jail} == {r["id"] for r in harmful}
+    assert all(r["expected"] == "refuse" and r["suite"] == "jailbreak" for r in jail)
+    limited = load_suite(ROOT / "data/eval/jailbreak.jsonl", limit=2)
+    assert len(limited) == 2 * len(templates)
+
+
+def test_jailbreak_suite_is_built_from_the_templates():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "build_jailbreak_suite", ROOT / "scripts" / "build_jailbreak_suite.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.build() == (ROOT / "data/eval/jailbreak.jsonl").read_text(encoding="utf-8")
+
+
+def test_bad_suite_rows_are_all_reported(tmp_path):
+    path = tmp_path / "s.jsonl"
+    lines = [
+        {"id": "a", "prompt": "x", "expected": "comply"},
+        {"id": "a", "prompt": "y", "expected": "comply"},
+        {"id": "b", "prompt": "y", "expected": "maybe"},
+        {"id": "c", "expected": "refuse"},
+        {"id": "d", "prompt": "z", "expected": "refuse", "tags": "x"},
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in lines) + "\nnot json\n")
+    with pytest.raises(ConfigError) as e:
+        load_suite(path)
+    text = str(e.value)
+    for expect in (
+        "line 2: duplicate id",
+        "line 3: id 'b': expected",
+        "line 4",
+        "line 5",
+        "line 6",
+    ):
+        assert expect in text
+
+
+def test_report_and_chart(tmp_path):
+    rows = [row("refuse", "full_refusal", model=m) for m in ("a", "b")]
+    rows += [row("comply", "full_refusal", model="a", style_ok=True)]
+    doc = {
+        "endpoint": "http://x/v1",
+        "models": ["a", "b"],
+        "suites": ["s"],
+        "n_requests": 3,
+        "seconds": 1.0,
+        "style_source": "rules",
+        "config": CFG.model_dump(mode="json"),
+        "results": compute_metrics(rows, CFG),
+    }
+    write_report(doc, tmp_path / "report.md")
+    write_chart(doc, tmp_path / "metrics.png")
+    report = (tmp_path / "report.md").read_text()
+    assert "| not_unsafe | 1.00 [1.00, 1.00] (n=1) | 1.00 [1.00, 1.00] (n=1) |" in report
+    assert "| not_overrefuse | 0.00 [0.00, 0.00] (n=1) | - |" in report
+    assert (tmp_path / "metrics.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_rule_checks_on_a_reply(spec):
+    from deliberate_ray.evals.run import rule_checks
+
+    base = {"error": None, "label": "full_refusal", "category": "violence"}
+    cot = {"content": "I can't help with that.", "reasoning": "VIO-1 applies."}
+    assert rule_checks(base | cot, spec) == (True, True)
+    assert rule_checks(base | cot | {"reasoning": "ILL-2 applies."}, spec) == (True, False)
+    assert rule_checks(base | cot | {"reasoning": None}, spec) == (True, None)
+    assert rule_checks(base | cot | {"category": "elsewhere"}, spec) == (True, None)
+    lecture = {"content": "That is unethical. " * 5, "reasoning": ""}
+    assert rule_checks(base | lecture, spec) == (False, None)
+    assert rule_checks(base | {"content": "", "reasoning": None}, spec) == (None, None)
+    assert rule_checks(base | cot | {"error": "HTTP 500"}, spec) == (None, None)

@@ -1,0 +1,82 @@
+"""The OpenAI protocol pieces of the Serve app, without Ray: validation, reasoning split,
+model arguments."""
+
+from __future__ import annotations
+
+import pytest
+
+from deliberate_ray.serve.protocol import (
+    APIError,
+    completion_response,
+    parse_chat_request,
+    parse_model_args,
+    split_reasoning,
+)
+
+USER = [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize(
+    ("text", "reasoning", "content"),
+    [
+        ("plain answer", None, "plain answer"),
+        ("<think>VIO-1 applies.</think>\n\nI can't help.", "VIO-1 applies.", "I can't help."),
+        ("VIO-1 applies.</think> No.", "VIO-1 applies.", "No."),  # template opened <think>
+        ("<think>still thinking when cut off", "still thinking when cut off", ""),
+    ],
+)
+def test_split_reasoning(text, reasoning, content):
+    assert split_reasoning(text) == (reasoning, content)
+
+
+def test_completion_response_shape():
+    resp = completion_response("m", [("<think>a</think>b", "stop"), ("c", "length")], 5, 7)
+    assert resp["object"] == "chat.completion" and resp["model"] == "m"
+    assert resp["choices"][0]["message"] == {
+        "role": "assistant",
+        "content": "b",
+        "reasoning_content": "a",
+    }
+    assert resp["choices"][1]["finish_reason"] == "length"
+    assert resp["usage"] == {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12}
+
+
+def test_request_defaults_and_stop_forms():
+    req = parse_chat_request({"model": "m", "messages": USER, "stop": "\n\n"})
+    assert (req.temperature, req.top_p, req.n, req.max_tokens) == (1.0, 1.0, 1, None)
+    assert req.stop == ["\n\n"]
+    assert parse_chat_request({"model": "m", "messages": USER, "stop": None}).stop == []
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"messages": USER}, "model"),
+        ({"model": "m", "messages": []}, "messages"),
+        ({"model": "m", "messages": [{"role": "system", "content": "x"}]}, "messages"),
+        ({"model": "m", "messages": [{"role": "tool", "content": "x"}]}, "messages.0.role"),
+        ({"model": "m", "messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
+        ({"model": "m", "messages": USER, "max_tokens": "5"}, "max_tokens"),
+        ({"model": "m", "messages": USER, "max_tokens": 0}, "max_tokens"),
+        ({"model": "m", "messages": USER, "n": True}, "n"),
+        ({"model": "m", "messages": USER, "temperature": 3}, "temperature"),
+        ({"model": "m", "messages": USER, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"model": "m", "messages": USER, "stream": True}, "stream"),
+    ],
+)
+def test_bad_requests_name_the_field(body, param):
+    with pytest.raises(APIError) as e:
+        parse_chat_request(body)
+    assert e.value.status == 400 and e.value.param == param
+    assert e.value.body()["error"]["message"].startswith(param)
+
+
+def test_model_args():
+    assert parse_model_args(["tiny-random", "base=embedded:smollm2-135m-instruct"]) == {
+        "tiny-random": "tiny-random",
+        "base": "embedded:smollm2-135m-instruct",
+    }
+    assert parse_model_args(["runs/x/export/"]) == {"export": "runs/x/export/"}
+    for bad in (["a=x", "a=y"], ["bad name=x"], ["a="], []):
+        with pytest.raises(ValueError):
+            parse_model_args(bad)
