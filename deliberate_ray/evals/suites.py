@@ -24,8 +24,9 @@ MAX_ERRORS = 20
 def load_suite(path: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
     """Validated rows of one suite; raises ConfigError listing every bad line.
 
-    `limit` keeps the first `limit` prompts (for jailbreak suites: base prompts, with all
-    their templates), so a quick run still measures the worst case over templates.
+    `limit` keeps `limit` evenly spaced prompts (for jailbreak suites: base prompts, with all
+    their templates), so a quick run still spans the categories of a suite sorted by them
+    and still measures the worst case over templates.
     """
     p = Path(path)
     if not p.exists():
@@ -56,8 +57,10 @@ def load_suite(path: str | Path, limit: int | None = None) -> list[dict[str, Any
     if not rows:
         raise ConfigError(str(path), ["the suite holds no rows"])
     if limit is not None:
-        keep = list(dict.fromkeys(r["base_id"] or r["id"] for r in rows))[:limit]
-        rows = [r for r in rows if (r["base_id"] or r["id"]) in set(keep)]
+        bases = list(dict.fromkeys(r["base_id"] or r["id"] for r in rows))
+        step = max(1.0, len(bases) / limit)
+        keep = {bases[int(i * step)] for i in range(min(limit, len(bases)))}
+        rows = [r for r in rows if (r["base_id"] or r["id"]) in keep]
     return rows
 
 

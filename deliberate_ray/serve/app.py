@@ -6,7 +6,6 @@ routes by the request's `model` field, so a base model and its trained variants 
 side by side and scale independently.
 """
 
-
 import asyncio
 import hashlib
 import hmac
