@@ -16,6 +16,7 @@ import yaml
 from deliberate_ray.config import ACTIONS, ConfigError
 from deliberate_ray.prompts import _as_messages
 from deliberate_ray.spec import fold
+from deliberate_ray.validate import iter_records
 
 UNCATEGORISED = "uncategorised"
 MAX_ERRORS = 20
@@ -28,19 +29,16 @@ def load_suite(path: str | Path, limit: int | None = None) -> list[dict[str, Any
     their templates), so a quick run still spans the categories of a suite sorted by them
     and still measures the worst case over templates.
     """
-    p = Path(path)
-    if not p.exists():
-        raise ConfigError(str(path), ["suite file not found"])
+    uri = str(path)
+    if "://" not in uri and not Path(uri).exists():
+        raise ConfigError(uri, ["suite file not found"])
+    name = Path(uri.split("://")[-1]).stem
     rows: list[dict[str, Any]] = []
     errors: list[str] = []
     seen: set[str] = set()
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            errors.append(f"line {n}: invalid JSON ({e.msg})")
+    for n, rec in iter_records(uri):
+        if isinstance(rec, json.JSONDecodeError):
+            errors.append(f"line {n}: invalid JSON ({rec.msg})")
             continue
         row, err = _check_row(rec)
         if err is None and row["id"] in seen:
@@ -49,13 +47,12 @@ def load_suite(path: str | Path, limit: int | None = None) -> list[dict[str, Any
             errors.append(f"line {n}: {err}")
             continue
         seen.add(row["id"])
-        rows.append(row | {"suite": p.stem})
+        rows.append(row | {"suite": name})
     if errors:
-        raise ConfigError(
-            str(path), errors[:20] + ([f"... {len(errors) - 20} more"] * (len(errors) > 20))
-        )
+        more = [f"... and {len(errors) - MAX_ERRORS} more"] if len(errors) > MAX_ERRORS else []
+        raise ConfigError(uri, errors[:MAX_ERRORS] + more)
     if not rows:
-        raise ConfigError(str(path), ["the suite holds no rows"])
+        raise ConfigError(uri, ["the suite holds no rows"])
     if limit is not None:
         bases = list(dict.fromkeys(r["base_id"] or r["id"] for r in rows))
         step = max(1.0, len(bases) / limit)

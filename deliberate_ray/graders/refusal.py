@@ -244,14 +244,12 @@ def grade_file(inp: Path, out: Path, batch_size: int = 64) -> dict[str, int]:
     with `label` and `refusal` added. Every row is checked before any is graded."""
     from tqdm import tqdm
 
+    from deliberate_ray.validate import iter_records
+
     rows = []
-    for n, line in enumerate(inp.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{inp}:{n}: invalid JSON ({e.msg})") from None
+    for n, row in iter_records(str(inp)):
+        if isinstance(row, json.JSONDecodeError):
+            raise ValueError(f"{inp}:{n}: invalid JSON ({row.msg})")
         if not isinstance(row, dict):
             raise ValueError(f"{inp}:{n}: expected a JSON object, got {type(row).__name__}")
         for field in ("prompt", "completion"):
