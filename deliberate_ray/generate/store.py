@@ -71,7 +71,11 @@ class ShardStore:
         return self.root / name
 
     def write_prompt_quarantine(self, table: pa.Table) -> None:
-        _atomic_write(self.root / "quarantine" / f"part-{PROMPTS_SHARD}.parquet", table)
+        path = self.root / "quarantine" / f"part-{PROMPTS_SHARD}.parquet"
+        if table.num_rows:
+            _atomic_write(path, table)
+        else:
+            path.unlink(missing_ok=True)
 
     def commit(
         self, ids: list[str], tables: dict[str, list[dict[str, Any]]], stats: dict[str, Any]
@@ -80,8 +84,9 @@ class ShardStore:
         shard = f"{self.run_tag}-{self.seq:05d}"
         self.seq += 1
         for name, schema in TABLES.items():
-            table = pa.Table.from_pylist(tables[name], schema=schema)
-            _atomic_write(self.root / name / f"part-{shard}.parquet", table)
+            if tables[name]:  # no empty files: `datasets` cannot read a zero-row part
+                table = pa.Table.from_pylist(tables[name], schema=schema)
+                _atomic_write(self.root / name / f"part-{shard}.parquet", table)
         record = {"shard": shard, "ids": ids, "stats": stats}
         _atomic_write(self.root / COMMITS / f"{shard}.json", json.dumps(record).encode())
         self.commits[shard] = record
