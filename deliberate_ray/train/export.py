@@ -18,17 +18,17 @@ import torch
 
 from deliberate_ray.config import TrainConfig
 from deliberate_ray.train.checkpoint import load_model_weights
-from deliberate_ray.train.parallelize import apply_lora
+from deliberate_ray.train.parallelize import apply_lora, load_base_model
 
 log = logging.getLogger(__name__)
 
 
 def export_hf(checkpoint_dir: str, cfg: TrainConfig, out_dir: Path) -> dict[str, Any]:
     """Write the export to `out_dir` (replacing an older one whole); returns what was written."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     base_dtype = AutoConfig.from_pretrained(cfg.model).dtype or torch.float32
-    model: Any = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
+    model: Any = load_base_model(cfg.model)
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora)
     load_model_weights(checkpoint_dir, model, cfg.lora.enabled)
@@ -38,9 +38,6 @@ def export_hf(checkpoint_dir: str, cfg: TrainConfig, out_dir: Path) -> dict[str,
     elif cfg.lora.enabled:
         kind = "lora_adapter"
     model = model.to(base_dtype)
-    # A GGUF-converted base keeps its quantization_config; the export is plain weights.
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".", dir=out_dir.parent))
     try:

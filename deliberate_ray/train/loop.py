@@ -27,7 +27,7 @@ from deliberate_ray.config import TrainConfig
 from deliberate_ray.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from deliberate_ray.train.data import IGNORE
 from deliberate_ray.train.metrics import MetricsLog, mfu, peak_flops
-from deliberate_ray.train.parallelize import parallelize
+from deliberate_ray.train.parallelize import load_base_model, parallelize
 
 log = logging.getLogger(__name__)
 Batch = dict[str, torch.Tensor]
@@ -145,7 +145,6 @@ def train_loop(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
     from torch.distributed.device_mesh import init_device_mesh
-    from transformers import AutoModelForCausalLM
 
     cfg = TrainConfig.model_validate(config["train"])
     plan = Plan(**config["plan"])
@@ -154,9 +153,7 @@ def train_loop(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
     torch.manual_seed(cfg.seed)
 
-    model = AutoModelForCausalLM.from_pretrained(
-        cfg.model, dtype=torch.float32, attn_implementation=cfg.attn_implementation
-    )
+    model = load_base_model(cfg.model, cfg.attn_implementation)
     model.config.use_cache = False
     n_params = sum(p.numel() for p in model.parameters())
     mesh = init_device_mesh(device.type, (world,)) if world > 1 else None

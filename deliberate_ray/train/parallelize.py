@@ -1,4 +1,4 @@
-"""Adapters and sharding, applied to a plain transformers model apart from the loop.
+"""The base model, then adapters and sharding applied to it apart from the loop.
 
 Order: gradient checkpointing (a model flag), then LoRA (wraps the linears), then FSDP2
 (`fully_shard` on each decoder block, then on the root). Sharding last means LoRA's few
@@ -14,6 +14,22 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from deliberate_ray.config import LoraConfig, TrainConfig
+
+
+def load_base_model(path: str, attn_implementation: str = "sdpa") -> Any:
+    """The base model in fp32 (master weights), as plain weights.
+
+    A config saved from a GGUF conversion still names its quantization; loading with it
+    would mark the model as quantized, which refuses `save_pretrained` at export.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    return AutoModelForCausalLM.from_pretrained(
+        path, config=config, dtype=torch.float32, attn_implementation=attn_implementation
+    )
 
 
 def apply_lora(model: nn.Module, lora: LoraConfig) -> nn.Module:
