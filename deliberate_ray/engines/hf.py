@@ -294,7 +294,7 @@ class HFEngineActor:
         rows = batch.select(["messages", "sampling_params"]).to_pylist()
         outputs: list[dict[str, Any]] = [SKIPPED] * len(rows)
         todo = [i for i, r in enumerate(rows) if r["sampling_params"]["max_tokens"] > 0]
-        done = self._run([_request(rows[i]) for i in todo])
+        done = self._run([request_from_row(rows[i]) for i in todo])
         for i, out in zip(todo, done, strict=True):
             outputs[i] = out
         return with_outputs(batch, self.keep, outputs)
@@ -310,7 +310,7 @@ class HFEngineActor:
             return [out for r in requests for out in self._run([r])]
 
 
-def _request(row: dict[str, Any]) -> GenRequest:
+def request_from_row(row: dict[str, Any]) -> GenRequest:
     messages, prefill = split_prefill(row["messages"])
     sp = row["sampling_params"]
     return GenRequest(
