@@ -85,6 +85,8 @@ JUDGED_ROW = pa.schema(
         pa.field("judge_generated_tokens", pa.int32()),
     ]
 )
+# Logical CPUs of the light map stages (building requests, parsing, reading scores).
+LIGHT_CPUS = 0.25
 COUNTS = (
     "prompts",
     "samples",
@@ -256,7 +258,7 @@ def build_dataset(prompts: pa.Table, spec: Spec, cfg: Config) -> Any:
         fn_kwargs={"spec": spec, "cfg": cfg},
         batch_format="pyarrow",
         batch_size=None,
-        num_cpus=0.25,
+        num_cpus=LIGHT_CPUS,
     )
     keep = [f.name for f in PROMPT_COLS]
     ds = apply_engine(ds, g.teacher.engine, keep)
@@ -265,7 +267,7 @@ def build_dataset(prompts: pa.Table, spec: Spec, cfg: Config) -> Any:
         fn_kwargs={"spec": spec, "cfg": cfg},
         batch_format="pyarrow",
         batch_size=None,
-        num_cpus=0.25,
+        num_cpus=LIGHT_CPUS,
     )
     if g.judge.llm.enabled:
         ds = apply_engine(ds, g.judge.llm.engine, [f.name for f in DRAFT_COLS])
@@ -274,7 +276,7 @@ def build_dataset(prompts: pa.Table, spec: Spec, cfg: Config) -> Any:
             fn_kwargs={"prefill": g.judge.llm.prefill},
             batch_format="pyarrow",
             batch_size=None,
-            num_cpus=0.25,
+            num_cpus=LIGHT_CPUS,
         )
     return ds
 
@@ -452,6 +454,7 @@ def run_generate(cfg: Config, progress: bool = True) -> dict[str, Any]:
     root = output_dir(cfg)
     store = ShardStore(root)
     prompt_set = load_prompts(cfg.prompts, spec.category_ids)
+    warn_if_actors_cannot_fit(g)
     bad = _table(prompt_set.quarantine, QUARANTINE)
     store.write_prompt_quarantine(bad)
     prompts = _table(prompt_set.prompts, PROMPT)
@@ -500,6 +503,24 @@ def run_generate(cfg: Config, progress: bool = True) -> dict[str, Any]:
         "stats_path": str(root / "stats.json"),
         "stats": stats,
     }
+
+
+def warn_if_actors_cannot_fit(g: GenerateConfig) -> None:
+    """Ray Data waits forever for CPUs that never come; on a fixed-size cluster say so."""
+    import ray
+
+    engines = [g.teacher.engine] + ([g.judge.llm.engine] if g.judge.llm.enabled else [])
+    need = sum(e.num_cpus * e.concurrency for e in engines if e.kind == "hf") + LIGHT_CPUS
+    have = ray.cluster_resources().get("CPU", 0.0)
+    if need > have:
+        log.warning(
+            "the hf engine actors ask for %.2f logical CPUs plus %.2f for parse/check tasks, "
+            "but the cluster has %.2f now: unless it autoscales, the run will wait forever. "
+            "Lower engine.num_cpus (torch_threads still sets the threads).",
+            need - LIGHT_CPUS,
+            LIGHT_CPUS,
+            have,
+        )
 
 
 def _table(ds: Any, schema: pa.Schema) -> pa.Table:
