@@ -97,7 +97,8 @@ def main() -> None:
     parser.add_argument("--model", default="tiny-random")
     parser.add_argument("--requests", type=int, default=96, help="per path and concurrency")
     parser.add_argument("--max-tokens", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads, both paths")
+    parser.add_argument("--batch-wait", type=float, default=ServeConfig().batch_wait_timeout_s)
     args = parser.parse_args()
 
     import ray
@@ -108,7 +109,13 @@ def main() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cfg = ServeConfig(port=port, num_cpus=1, torch_threads=args.threads, max_batch_size=8)
+    cfg = ServeConfig(
+        port=port,
+        num_cpus=1,
+        torch_threads=args.threads,
+        max_batch_size=8,
+        batch_wait_timeout_s=args.batch_wait,
+    )
     url = start_serve({"m": args.model}, cfg)
     engine = HFGenerator(args.model, device="cpu", torch_threads=args.threads)
     rows = []
@@ -122,7 +129,8 @@ def main() -> None:
         shutdown()
     print(
         f"machine: {os.cpu_count()}-core CPU, torch threads {args.threads}; model {args.model}; "
-        f"{args.max_tokens} new tokens (greedy); {args.requests} requests each"
+        f"{args.max_tokens} new tokens (greedy); {args.requests} requests each; "
+        f"batch wait {1000 * args.batch_wait:g} ms"
     )
     print("\n| path | p50 ms | p99 ms | req/s | n |\n|---|---|---|---|---|")
     for r in rows:
