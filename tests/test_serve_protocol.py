@@ -80,3 +80,23 @@ def test_model_args():
     for bad in (["a=x", "a=y"], ["bad name=x"], ["a="], []):
         with pytest.raises(ValueError):
             parse_model_args(bad)
+
+
+def test_serve_and_eval_commands_reject_bad_input_before_starting(tmp_path):
+    from typer.testing import CliRunner
+
+    from deliberate_ray.cli import app
+
+    runner = CliRunner()
+    bad_name = runner.invoke(app, ["serve", "--model", "bad name=tiny-random"])
+    assert bad_name.exit_code == 2 and "must be 1-64 letters" in bad_name.output
+    bad_port = runner.invoke(app, ["serve", "--model", "tiny-random", "--port", "70000"])
+    assert bad_port.exit_code == 2 and "port" in bad_port.output
+    no_model = runner.invoke(app, ["serve"])
+    assert no_model.exit_code == 2 and "--model" in no_model.output
+    unreachable = runner.invoke(
+        app,
+        ["eval", "--suite", "data/eval/in_distribution.jsonl", "--endpoint",
+         "http://127.0.0.1:9", "--model", "m", "--out", str(tmp_path)],
+    )  # fmt: skip
+    assert unreachable.exit_code == 2 and "cannot reach" in unreachable.output
