@@ -77,7 +77,12 @@ def _convert_embedded(out: Path) -> None:
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     # A GGUF-loaded model refuses save_pretrained: copy its weights into a fresh model.
-    fresh = type(loaded)(loaded.config)
+    config = loaded.config
+    # The weights are de-quantised fp32 now; a leftover GGUF quantization_config would mark
+    # every later load as quantized (which refuses save_pretrained, e.g. at SFT export).
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    fresh = type(loaded)(config)
     fresh.load_state_dict(loaded.state_dict())
     fresh.generation_config = loaded.generation_config
     fresh.save_pretrained(str(out), safe_serialization=True)
@@ -111,7 +116,7 @@ def _build_tiny(out: Path) -> None:
 def resolve_model(ref: str) -> str:
     """Turn a model reference into something `from_pretrained` (or vLLM) accepts."""
     if ref == EMBEDDED:
-        return str(_atomic_build(cache_dir() / "smollm2-135m-instruct", _convert_embedded))
+        return str(_atomic_build(cache_dir() / "smollm2-135m-instruct-v2", _convert_embedded))
     if ref == TINY:
         return str(_atomic_build(cache_dir() / "tiny-random-llama", _build_tiny))
     if ref.startswith("embedded:"):
