@@ -85,8 +85,11 @@ JUDGED_ROW = pa.schema(
         pa.field("judge_generated_tokens", pa.int32()),
     ]
 )
-# Logical CPUs of the light map stages (building requests, parsing, reading scores).
-LIGHT_CPUS = 0.25
+# Logical CPUs of the light map stages (building requests, parsing, reading scores). Ray
+# Data splits the CPUs the engine actors leave among the other operators; on 2 cores each
+# gets ~0.2, and a stage asking for more waits until the engines finish, which would stop
+# shards from being committed while the teacher runs.
+LIGHT_CPUS = 0.1
 COUNTS = (
     "prompts",
     "samples",
@@ -245,6 +248,13 @@ def judgements(batch: pa.Table, prefill: bool) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=JUDGED_ROW)
 
 
+def light_stage(ds: Any, fn: Any, **kwargs: Any) -> Any:
+    """A cheap whole-block stage (Arrow in, Arrow out) on a fraction of a CPU."""
+    return ds.map_batches(
+        fn, fn_kwargs=kwargs, batch_format="pyarrow", batch_size=None, num_cpus=LIGHT_CPUS
+    )
+
+
 def build_dataset(prompts: pa.Table, spec: Spec, cfg: Config) -> Any:
     """The lazy Dataset of judged rows (one per judge run) for `prompts`."""
     import ray.data
@@ -252,32 +262,12 @@ def build_dataset(prompts: pa.Table, spec: Spec, cfg: Config) -> Any:
     g: GenerateConfig = cfg.generate  # type: ignore[assignment]
     chunk = max(1, g.shard_prompts)
     blocks = [prompts.slice(i, chunk) for i in range(0, prompts.num_rows, chunk)]
-    ds = ray.data.from_arrow(blocks)
-    ds = ds.map_batches(
-        teacher_requests,
-        fn_kwargs={"spec": spec, "cfg": cfg},
-        batch_format="pyarrow",
-        batch_size=None,
-        num_cpus=LIGHT_CPUS,
-    )
-    keep = [f.name for f in PROMPT_COLS]
-    ds = apply_engine(ds, g.teacher.engine, keep)
-    ds = ds.map_batches(
-        drafts,
-        fn_kwargs={"spec": spec, "cfg": cfg},
-        batch_format="pyarrow",
-        batch_size=None,
-        num_cpus=LIGHT_CPUS,
-    )
+    ds = light_stage(ray.data.from_arrow(blocks), teacher_requests, spec=spec, cfg=cfg)
+    ds = apply_engine(ds, g.teacher.engine, [f.name for f in PROMPT_COLS])
+    ds = light_stage(ds, drafts, spec=spec, cfg=cfg)
     if g.judge.llm.enabled:
         ds = apply_engine(ds, g.judge.llm.engine, [f.name for f in DRAFT_COLS])
-        ds = ds.map_batches(
-            judgements,
-            fn_kwargs={"prefill": g.judge.llm.prefill},
-            batch_format="pyarrow",
-            batch_size=None,
-            num_cpus=LIGHT_CPUS,
-        )
+        ds = light_stage(ds, judgements, prefill=g.judge.llm.prefill)
     return ds
 
 
