@@ -1,5 +1,5 @@
-"""Training data without Ray: labels through the chat template, documents, packing, the loop's
-pieces (per-example loss packed vs unpacked, resume position, LR schedule), config checks."""
+"""Training data without Ray: labels through the chat template, documents, packing (the same
+per-example loss packed and unpacked), and config errors."""
 
 from __future__ import annotations
 
@@ -7,8 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from deliberate_ray.config import Config, ConfigError, TrainConfig, parse_model
-from deliberate_ray.train.checkpoint import TrainState
+from deliberate_ray.config import Config, ConfigError, parse_model
 from deliberate_ray.train.data import (
     IGNORE,
     assistant_turn,
@@ -20,7 +19,6 @@ from deliberate_ray.train.data import (
     split_chat,
     tokenizer_for,
 )
-from deliberate_ray.train.loop import Plan, micro_batches, warmup_cosine
 
 PROMPT = [
     {"role": "system", "content": "You are a careful assistant."},
@@ -165,44 +163,6 @@ def test_packed_row_gives_the_same_per_example_loss(tiny_model: str, tok, attn: 
     ends = starts[1:] + [int(packed["num_tokens"][0])]
     in_row = sorted(float(losses[s:e].sum()) for s, e in zip(starts, ends, strict=True))
     assert in_row == pytest.approx(sorted(float(x) for x in alone), rel=1e-5)
-
-
-class FakeShard:
-    """Stands in for a Ray Train dataset shard: numbered batches of one row each."""
-
-    def __init__(self, n: int):
-        self.n = n
-
-    def iter_torch_batches(self, **_: object):
-        for i in range(self.n):
-            yield {
-                "input_ids": torch.full((1, 4), i),
-                "labels": torch.full((1, 4), i),
-                "position_ids": torch.arange(4).reshape(1, 4),
-                "num_tokens": torch.tensor([3]),
-            }
-
-
-def test_micro_batches_resume_at_the_saved_position() -> None:
-    tcfg = TrainConfig(micro_batch_size=1, grad_accum=2)
-    cpu = torch.device("cpu")
-    plan = Plan(steps_per_epoch=2, total_steps=10, stop_at=10, out_dir="/tmp")
-    shard = FakeShard(5)  # 5 batches, 4 used per epoch (2 steps x 2 micro-batches)
-    fresh = micro_batches(shard, tcfg, plan, TrainState(), cpu)
-    seen = [(e, k, int(b["input_ids"][0, 0])) for e, k, b in (next(fresh) for _ in range(6))]
-    assert seen == [(0, 1, 0), (0, 2, 1), (0, 3, 2), (0, 4, 3), (1, 1, 0), (1, 2, 1)]
-    assert next(fresh)[2]["input_ids"].shape == (1, 3)  # trimmed to the real tokens
-    resumed = micro_batches(shard, tcfg, plan, TrainState(epoch=0, batch_in_epoch=2), cpu)
-    assert [(e, k) for e, k, _ in (next(resumed) for _ in range(3))] == [(0, 3), (0, 4), (1, 1)]
-    at_end = micro_batches(shard, tcfg, plan, TrainState(epoch=0, batch_in_epoch=4), cpu)
-    assert next(at_end)[:2] == (1, 1)
-
-
-def test_warmup_then_cosine() -> None:
-    f = warmup_cosine(warmup=2, total=10)
-    assert [f(0), f(1), f(2)] == [0.5, 1.0, 1.0]
-    assert f(6) == pytest.approx(0.5)
-    assert f(10) == pytest.approx(0.0) and f(12) == pytest.approx(0.0)
 
 
 @pytest.mark.parametrize(

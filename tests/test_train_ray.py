@@ -1,13 +1,15 @@
 """SFT end to end on Ray Train: 2 CPU workers (gloo, FSDP2), the tiny model, a small tuple file.
 
-Four fits in all: a full fine-tune (the reference), the same run stopped after its step-3
-checkpoint and rerun, and a LoRA run. The resumed run must reproduce the reference's losses,
-which only happens if model, optimizer, scheduler and data position all came back.
+Three fits (each starts a controller and two worker processes, the bulk of the time): a LoRA
+run, and a full fine-tune stopped after its step-3 checkpoint, then rerun. That a restored
+model and optimizer continue exactly is checked in one process (test_train_loop.py); here the
+rerun must go on at the right step, schedule and data position, through Ray Train's storage.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ from deliberate_ray.contracts import TUPLE, to_table
 from deliberate_ray.train import run_train
 from deliberate_ray.train.data import TrainDataError, build_dataset
 from deliberate_ray.train.export import export_hf
+from deliberate_ray.train.loop import warmup_cosine
 from deliberate_ray.train.run import plan_steps, train_config
 
 pytestmark = pytest.mark.ray
@@ -83,97 +86,88 @@ def generate(model_dir: str, tokenizer_dir: str) -> torch.Tensor:
         return model(out).logits
 
 
+LORA = {"enabled": True, "rank": 8, "alpha": 16, "dropout": 0.0}
+
+
 @pytest.fixture(scope="module")
-def reference(ray_session, workdir: Path, tiny_model: str) -> dict[str, Any]:
-    return run_train(make_cfg(workdir, tiny_model), name="full")
+def lora_run(ray_session, workdir: Path, tiny_model: str) -> dict[str, Any]:
+    """An uninterrupted run (LoRA, gradient checkpointing): 6 steps, 2 checkpoints."""
+    cfg = make_cfg(workdir, tiny_model, lora=LORA, lr=2e-2, gradient_checkpointing=True)
+    return run_train(cfg, name="lora")
 
 
-def test_full_finetune_loss_falls_and_export_generates(reference: dict[str, Any]) -> None:
-    rows = metrics(reference)
-    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+def test_full_finetune_stopped_after_a_checkpoint_resumes_there(
+    workdir: Path, tiny_model: str, lora_run: dict[str, Any]
+) -> None:
+    cfg = make_cfg(workdir, tiny_model)
+    first = run_train(cfg, name="full", stop_after=3)
+    assert [r["step"] for r in metrics(first)] == [1, 2, 3]
+    assert first["checkpoint_path"].endswith("step_000003")
+
+    second = run_train(cfg, name="full")
+    rows = metrics(second)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]  # no step trained twice
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.3
-    assert all(r["tokens"] > 0 and r["tokens_per_s"] > 0 for r in rows)
-    assert reference["final_loss"] == pytest.approx(rows[-1]["loss"])
-    run_dir = Path(reference["run_dir"])
+    assert second["final_loss"] == pytest.approx(rows[-1]["loss"])
+    # The schedule goes on where it stopped, and so does the data: the uninterrupted LoRA run
+    # reads the same rows in the same order (the data does not depend on the model).
+    schedule = warmup_cosine(math.ceil(0.2 * 6), 6)
+    assert [r["lr"] for r in rows] == pytest.approx([3e-3 * schedule(s) for s in range(6)])
+    assert [r["tokens"] for r in rows] == [r["tokens"] for r in metrics(lora_run)]
+    run_dir = Path(second["run_dir"])
     assert sorted(p.name for p in run_dir.glob("step_*")) == ["step_000003", "step_000006"]
-    export = Path(reference["export_dir"])
-    assert reference["export_kind"] == "full" and (export / "model.safetensors").exists()
+
+    export = Path(second["export_dir"])
+    assert second["export_kind"] == "full" and (export / "model.safetensors").exists()
     assert "quantization_config" not in json.loads((export / "config.json").read_text())
-    assert (export / "chat_template.jinja").exists() or "chat_template" in (
-        export / "tokenizer_config.json"
-    ).read_text()
+    assert (export / "chat_template.jinja").exists()
     generate(str(export), str(export))
 
 
-def test_stopped_run_resumes_at_its_checkpoint(
-    workdir: Path, tiny_model: str, reference: dict[str, Any]
-) -> None:
-    cfg = make_cfg(workdir, tiny_model)
-    first = run_train(cfg, name="resume", stop_after=3)
-    assert [r["step"] for r in metrics(first)] == [1, 2, 3]
-    second = run_train(cfg, name="resume")
-    rows = metrics(second)
-    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
-    expected = metrics(reference)
-    for got, want in zip(rows[3:], expected[3:], strict=True):
-        assert got["lr"] == pytest.approx(want["lr"])
-        assert got["tokens"] == want["tokens"]  # the same data, in the same order
-        assert got["loss"] == pytest.approx(want["loss"], rel=1e-4)
-
-
 def test_lora_trains_and_exports_merged_and_as_adapter(
-    workdir: Path, tiny_model: str, reference: dict[str, Any]
+    workdir: Path, tiny_model: str, lora_run: dict[str, Any]
 ) -> None:
-    lora = {"enabled": True, "rank": 8, "alpha": 16, "dropout": 0.0}
-    cfg = make_cfg(workdir, tiny_model, lora=lora, lr=2e-2, gradient_checkpointing=True)
-    summary = run_train(cfg, name="lora", variant="no_cot")
-    rows = metrics(summary)
+    rows = metrics(lora_run)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert rows[-1]["loss"] < rows[0]["loss"]
-    assert summary["export_kind"] == "lora_merged"
-    merged_logits = generate(summary["export_dir"], summary["export_dir"])
+    assert lora_run["export_kind"] == "lora_merged"
+    merged_logits = generate(lora_run["export_dir"], lora_run["export_dir"])
 
-    tcfg = train_config(cfg, variant="no_cot", model=tiny_model)
-    tcfg = tcfg.model_copy(update={"lora": tcfg.lora.model_copy(update={"merge_on_export": False})})
+    cfg = make_cfg(workdir, tiny_model, lora=LORA | {"merge_on_export": False})
+    tcfg = train_config(cfg)
     adapter_dir = workdir / "lora-adapter"
-    info = export_hf(summary["checkpoint_path"], tcfg, adapter_dir)
+    info = export_hf(lora_run["checkpoint_path"], tcfg, adapter_dir)
     assert info["export_kind"] == "lora_adapter"
     assert (adapter_dir / "adapter_config.json").exists()
     adapter_logits = generate(str(adapter_dir), str(adapter_dir))
     torch.testing.assert_close(adapter_logits, merged_logits, atol=1e-4, rtol=1e-4)
 
 
-def test_docs_and_mixing_build_the_expected_rows(ray_session, workdir: Path, tiny_model: str):
+def test_documents_mixed_with_chat_rows(ray_session, workdir: Path, tiny_model: str) -> None:
     docs = [{"text": "Rule VIO-2 exists because instructions enable harm. " * k} for k in (1, 9)]
     pq.write_table(pa.Table.from_pylist(docs), workdir / "docs.parquet")
+    chat = [
+        [{"role": "user", "content": f"Q{i}"}, {"role": "assistant", "content": f"A{i}"}]
+        for i in range(40)
+    ]
+    chat.append([{"role": "user", "content": "a prompt with no reply"}])
     mix_path = workdir / "general.jsonl"
-    mix_path.write_text(
-        "\n".join(
-            json.dumps(
-                {
-                    "messages": [
-                        {"role": "user", "content": f"Q{i}"},
-                        {"role": "assistant", "content": f"A{i}"},
-                    ]
-                }
-            )
-            for i in range(40)
-        )
-    )
-    cfg = make_cfg(workdir, tiny_model, variant="docs", max_seq_len=64).train
+    mix_path.write_text("\n".join(json.dumps({"messages": m}) for m in chat))
+    mix = {"variant": "docs", "max_seq_len": 64, "mix_data": str(mix_path), "mix_ratio": 0.5}
+    cfg = make_cfg(workdir, tiny_model, **mix).train
     assert cfg is not None
+
     ds, stats = build_dataset(cfg, [str(workdir / "docs.parquet")])
-    # ~12 and ~100 tokens: the long one splits into 64 + ~37, which packs with the short one.
-    assert (stats.examples, stats.rows, stats.dropped) == (3, 2, {})
+    # ~12 and ~100 tokens: the long one splits into 64 + ~37; 3 chat rows make half the mix.
+    assert (stats.examples, stats.mixed_in) == (3, 3)
+    assert stats.dropped == {"mix_no_final_assistant_turn": 1}
+    assert stats.rows < 6  # packed
     assert ds.schema().names == ["input_ids", "labels", "position_ids", "num_tokens"]
 
-    mix = {"variant": "cot", "max_seq_len": 256, "mix_data": str(mix_path), "mix_ratio": 0.25}
-    mixed = cfg.model_copy(update=mix)
-    _, stats = build_dataset(mixed, [str(workdir / "tuples.parquet")])
-    assert stats.examples == 48 and stats.mixed_in == 16  # 16 / (48 + 16) = 0.25
-
+    tuples_cfg = cfg.model_copy(update={"variant": "cot"})
     with pytest.raises(TrainDataError, match=r"lacks column\(s\) \['messages', 'cot', 'answer'\]"):
-        build_dataset(mixed, [str(workdir / "docs.parquet")])
+        build_dataset(tuples_cfg, [str(workdir / "docs.parquet")])
     with pytest.raises(TrainDataError, match="file not found"):
-        build_dataset(mixed, [str(workdir / "nope.parquet")])
+        build_dataset(tuples_cfg, [str(workdir / "nope.parquet")])
     with pytest.raises(TrainDataError, match="one step takes"):
         plan_steps(cfg.model_copy(update={"micro_batch_size": 64}), stats, workdir, None)

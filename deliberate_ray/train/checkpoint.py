@@ -37,6 +37,25 @@ def options(lora: bool) -> StateDictOptions:
     return StateDictOptions(ignore_frozen_params=lora, strict=not lora)
 
 
+def _payload(
+    model: nn.Module, optimizer: Any, scheduler: Any, state: TrainState, lora: bool
+) -> dict[str, Any]:
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=options(lora))
+    return {
+        "model": model_sd,
+        "optim": optim_sd,
+        "scheduler": scheduler.state_dict(),
+        "train_state": asdict(state),
+    }
+
+
+def write_checkpoint(
+    path: str, model: nn.Module, optimizer: Any, scheduler: Any, state: TrainState, lora: bool
+) -> None:
+    """This rank's shards (and, from rank 0, the metadata) into the folder `path`."""
+    dcp.save(_payload(model, optimizer, scheduler, state, lora), checkpoint_id=path)
+
+
 def save_checkpoint(
     model: nn.Module,
     optimizer: Any,
@@ -48,15 +67,8 @@ def save_checkpoint(
     """Write this rank's shards and report them (every rank must call this, in step)."""
     import ray.train
 
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=options(lora))
-    payload = {
-        "model": model_sd,
-        "optim": optim_sd,
-        "scheduler": scheduler.state_dict(),
-        "train_state": asdict(state),
-    }
     with tempfile.TemporaryDirectory() as tmp:
-        dcp.save(payload, checkpoint_id=tmp)
+        write_checkpoint(tmp, model, optimizer, scheduler, state, lora)
         ray.train.report(
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(tmp),
@@ -68,13 +80,7 @@ def load_checkpoint(
     checkpoint: Any, model: nn.Module, optimizer: Any, scheduler: Any, lora: bool
 ) -> TrainState:
     """Restore model, optimizer, scheduler and data position from a Ray Train checkpoint."""
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=options(lora))
-    payload = {
-        "model": model_sd,
-        "optim": optim_sd,
-        "scheduler": scheduler.state_dict(),
-        "train_state": asdict(TrainState()),
-    }
+    payload = _payload(model, optimizer, scheduler, TrainState(), lora)
     with checkpoint.as_directory() as path:
         dcp.load(payload, checkpoint_id=path)
     set_state_dict(

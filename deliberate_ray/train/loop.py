@@ -213,6 +213,7 @@ def train_loop(config: dict[str, Any]) -> None:
             "tokens_per_s": result.tokens / elapsed,
             "mfu": mfu(n_params, result.tokens / elapsed, peak, world),
             "tokens_seen": state.tokens,
+            "time": time.time(),
         }
         last = state.step == plan.stop_at
         if state.step % cfg.log_every == 0 or last:
