@@ -150,9 +150,8 @@ def drafts(batch: pa.Table, spec: Spec, cfg: Config) -> pa.Table:
         for r in rows
     ]
     ok = [i for i, p in enumerate(parsed) if p.malformed is None]
-    actions = classify_refusals(
-        [(teacher_prompt_text(rows[i]), parsed[i].answer or "") for i in ok]
-    )
+    pairs = [(teacher_prompt_text(rows[i]), parsed[i].answer or "") for i in ok]
+    actions = classify_refusals(pairs) if pairs else []
     action_of = dict(zip(ok, actions, strict=True))
     llm = g.judge.llm
     out = []
