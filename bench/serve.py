@@ -1,9 +1,10 @@
 """Latency and throughput of the Serve endpoint against the same engine called in process.
 
 In one run, on the same machine and model: p50/p99 latency and requests/s at concurrency 1
-and 8. In process, concurrency 8 means one `generate` call on 8 requests (the batch Serve
-forms under 8 concurrent clients, with zero serving overhead); over Serve it means 8 client
-threads in a closed loop, each sending one request at a time over HTTP.
+and 8. A round at concurrency c is c requests at once: in process, one `generate` call on
+the c requests (the batch Serve should form, with no serving cost); over Serve, c client
+threads each sending one request over HTTP. Rounds of the two paths alternate, so both see
+the same background load (the numbers in docs/serve-eval.md came from a shared machine).
 
     .venv/bin/python bench/serve.py                  # tiny model, ~1 minute
     .venv/bin/python bench/serve.py --model embedded:smollm2-135m-instruct --requests 32
@@ -17,7 +18,6 @@ import os
 import socket
 import statistics
 import time
-from collections.abc import Callable
 
 import httpx
 
@@ -37,59 +37,64 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def summary(name: str, latencies: list[float], wall: float, n: int) -> dict[str, object]:
-    return {
-        "path": name,
-        "p50_ms": 1000 * statistics.median(latencies),
-        "p99_ms": 1000 * percentile(latencies, 0.99),
-        "req_s": n / wall,
-        "n": n,
-    }
-
-
 def request(i: int, max_tokens: int) -> GenRequest:
     messages = [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]
     return GenRequest(messages=messages, max_tokens=max_tokens, temperature=0.0, top_p=1.0)
 
 
-def in_process(engine: HFGenerator, n: int, concurrency: int, max_tokens: int) -> dict:
-    latencies: list[float] = []
-    start = time.perf_counter()
-    for first in range(0, n, concurrency):
-        batch = [request(i, max_tokens) for i in range(first, min(n, first + concurrency))]
+class Paths:
+    """The two ways to get c answers at once; each returns the per-request latencies."""
+
+    def __init__(self, engine: HFGenerator, url: str, max_tokens: int, concurrency: int):
+        self.engine = engine
+        self.url = url
+        self.max_tokens = max_tokens
+        self.clients = [httpx.Client(timeout=120) for _ in range(concurrency)]
+        self.pool = concurrent.futures.ThreadPoolExecutor(concurrency)
+
+    def in_process(self, first: int, c: int) -> list[float]:
         t = time.perf_counter()
-        engine.generate(batch)
-        latencies += [time.perf_counter() - t] * len(batch)
-    return summary(f"in-process c={concurrency}", latencies, time.perf_counter() - start, n)
+        self.engine.generate([request(first + k, self.max_tokens) for k in range(c)])
+        return [time.perf_counter() - t] * c
 
-
-def over_http(url: str, n: int, concurrency: int, max_tokens: int) -> dict:
-    clients = [httpx.Client(timeout=120) for _ in range(concurrency)]
-
-    def worker(k: int) -> list[float]:
-        out = []
-        for i in range(k, n, concurrency):
-            req = request(i, max_tokens)
-            body = {"model": "m", "messages": req.messages, "max_tokens": max_tokens,
+    def serve(self, first: int, c: int) -> list[float]:
+        def one(k: int) -> float:
+            req = request(first + k, self.max_tokens)
+            body = {"model": "m", "messages": req.messages, "max_tokens": self.max_tokens,
                     "temperature": 0.0}  # fmt: skip
             t = time.perf_counter()
-            r = clients[k].post(f"{url}/chat/completions", json=body)
-            out.append(time.perf_counter() - t)
-            r.raise_for_status()
-        return out
+            self.clients[k].post(f"{self.url}/chat/completions", json=body).raise_for_status()
+            return time.perf_counter() - t
 
-    start = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
-        latencies = [x for part in pool.map(worker, range(concurrency)) for x in part]
-    wall = time.perf_counter() - start
-    for c in clients:
-        c.close()
-    return summary(f"serve c={concurrency}", latencies, wall, n)
+        return list(self.pool.map(one, range(c)))
+
+    def close(self) -> None:
+        self.pool.shutdown()
+        for client in self.clients:
+            client.close()
 
 
-def warm(run: Callable[[], object], times: int = 2) -> None:
-    for _ in range(times):
-        run()
+def measure(paths: Paths, n: int, c: int) -> list[dict[str, object]]:
+    latencies: dict[str, list[float]] = {"serve": [], "in-process": []}
+    busy = {"serve": 0.0, "in-process": 0.0}
+    for r in range(-2, n // c):  # two warm-up rounds
+        order = ("serve", "in-process") if r % 2 else ("in-process", "serve")
+        for name in order:
+            t = time.perf_counter()
+            lat = paths.serve(r * c, c) if name == "serve" else paths.in_process(r * c, c)
+            if r >= 0:
+                busy[name] += time.perf_counter() - t
+                latencies[name] += lat
+    return [
+        {
+            "path": f"{name} c={c}",
+            "p50_ms": 1000 * statistics.median(lat),
+            "p99_ms": 1000 * percentile(lat, 0.99),
+            "req_s": len(lat) / busy[name],
+            "n": len(lat),
+        }
+        for name, lat in latencies.items()
+    ]
 
 
 def main() -> None:
@@ -118,14 +123,11 @@ def main() -> None:
     )
     url = start_serve({"m": args.model}, cfg)
     engine = HFGenerator(args.model, device="cpu", torch_threads=args.threads)
-    rows = []
+    paths = Paths(engine, url, args.max_tokens, 8)
     try:
-        for c in (1, 8):
-            warm(lambda c=c: over_http(url, 2 * c, c, args.max_tokens))
-            rows.append(over_http(url, args.requests, c, args.max_tokens))
-            warm(lambda c=c: in_process(engine, 2 * c, c, args.max_tokens))
-            rows.append(in_process(engine, args.requests, c, args.max_tokens))
+        rows = [row for c in (1, 8) for row in measure(paths, args.requests, c)]
     finally:
+        paths.close()
         shutdown()
     print(
         f"machine: {os.cpu_count()}-core CPU, torch threads {args.threads}; model {args.model}; "

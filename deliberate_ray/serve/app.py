@@ -13,7 +13,6 @@ import hashlib
 import hmac
 import json
 import logging
-import sys
 from dataclasses import replace
 from typing import Any
 
@@ -36,7 +35,6 @@ from deliberate_ray.serve.protocol import (
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 1 << 20
-GIL_SWITCH_S = 0.0005
 
 api = FastAPI(title="deliberate-ray", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -125,10 +123,6 @@ class OpenAIServer:
     """Auth, validation, routing by `model`, and the models themselves."""
 
     def __init__(self, models: dict[str, str], cfg: ServeConfig, key_sha256: str | None):
-        # Generation threads of small models are mostly Python and hold the GIL; a shorter
-        # switch interval lets the event loop queue arriving requests into the next batch
-        # (on the tiny model it turned most batches of 1 into batches of several).
-        sys.setswitchinterval(GIL_SWITCH_S)
         self.models = {name: ChatModel(name, ref, cfg) for name, ref in models.items()}
         # Only the key's digest travels through Ray (deployment args are stored in the GCS).
         self.key_sha256 = key_sha256
