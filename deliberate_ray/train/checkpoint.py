@@ -97,5 +97,5 @@ def load_checkpoint(
 def load_model_weights(path: str, model: nn.Module, lora: bool) -> None:
     """Load only the model's weights from a checkpoint dir, in one process (for export)."""
     model_sd = get_model_state_dict(model, options=options(lora))
-    dcp.load({"model": model_sd}, checkpoint_id=path)
+    dcp.load({"model": model_sd}, checkpoint_id=path, no_dist=True)
     set_model_state_dict(model, model_sd, options=options(lora))

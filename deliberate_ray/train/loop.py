@@ -179,12 +179,8 @@ def train_loop(config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, model, optimizer, scheduler, cfg.lora.enabled)
-        log.info(
-            "resumed at step %d (epoch %d, micro-batch %d)",
-            state.step,
-            state.epoch,
-            state.batch_in_epoch,
-        )
+        if rank == 0:
+            log.info("resumed at step %d (epoch %d)", state.step, state.epoch)
 
     peak = peak_flops(
         torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", cfg.peak_flops

@@ -30,7 +30,7 @@ def train_config(cfg: Config, **overrides: Any) -> TrainConfig:
     try:
         return TrainConfig.model_validate({**cfg.train.model_dump(), **fields})
     except ValidationError as e:
-        raise ConfigError("train", format_validation_error(e)) from None
+        raise ConfigError("train", [f"train.{m}" for m in format_validation_error(e)]) from None
 
 
 def plan_steps(cfg: TrainConfig, stats: DataStats, out_dir: Path, stop_after: int | None) -> Plan:
