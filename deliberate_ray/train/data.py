@@ -224,7 +224,7 @@ def read_rows(path: str, variant: str, field_name: str) -> Any:
         raise TrainDataError(f"{field_name}: bad value {path!r} -> file not found")
     if path.endswith((".jsonl", ".json")):
         ds = ray.data.read_json(path)
-    elif path.endswith(".parquet") or (not is_remote and Path(path).is_dir()):
+    elif path.endswith(".parquet") or is_remote or Path(path).is_dir():  # remote: a folder
         ds = ray.data.read_parquet(path)
     else:
         raise TrainDataError(
