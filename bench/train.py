@@ -116,6 +116,7 @@ def main() -> None:
         "ray-padded": {"packing": False},
     }
     results: dict[str, Any] = {}
+    load_before = os.getloadavg()[0]  # other processes on the machine skew every number
     for name, overrides in runs.items():
         cfg = Config.model_validate({"run_dir": str(out), "train": train | overrides})
         start = time.perf_counter()
@@ -136,6 +137,7 @@ def main() -> None:
             "processor": platform.processor() or platform.machine(),
             "torch": torch.__version__,
             "ray": ray.__version__,
+            "load_avg_1min_before_after": [round(load_before, 1), round(os.getloadavg()[0], 1)],
         },
         "data": data,
         "args": vars(args),
