@@ -231,5 +231,20 @@ def generate(
     typer.echo(summary(result))
 
 
+@app.command()
+def pipeline(config: ConfigOpt) -> None:
+    """Run everything: generate -> train each arm -> serve base + arms -> eval -> report.
+
+    Stages that finished earlier in the same run_dir are skipped; a killed run resumes."""
+    from deliberate_ray.config import load_config
+    from deliberate_ray.pipeline import run_pipeline, summary_table
+
+    try:
+        summary = run_pipeline(load_config(config))
+    except (ConfigError, ValueError) as e:
+        fail(str(e))
+    typer.echo(summary_table(summary))
+
+
 if __name__ == "__main__":
     app()

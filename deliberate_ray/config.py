@@ -247,7 +247,7 @@ class ServeConfig(StrictModel):
     api_key_env: str | None = None
     engine: Literal["auto", "hf", "vllm"] = "auto"
     max_batch_size: int = Field(default=8, ge=1)
-    batch_wait_timeout_s: float = Field(default=0.005, ge=0)
+    batch_wait_timeout_s: float = Field(default=0.002, ge=0)
     max_tokens_limit: int = Field(default=1024, ge=1)
     default_max_tokens: int = Field(default=256, ge=1)
     num_cpus: float = Field(default=1.0, gt=0)
@@ -306,10 +306,22 @@ class EvalConfig(StrictModel):
 
 
 class ArmConfig(StrictModel):
-    name: str
+    """One trained variant. `msm` first midtrains on documents about the spec (`msm_docs`,
+    rows with a `text` column), then runs the same SFT from that checkpoint."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     variant: Literal["cot", "no_cot"] = "cot"
     msm: bool = False
     msm_docs: list[str] = Field(default_factory=list)
+    msm_steps: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _msm_needs_docs(self) -> ArmConfig:
+        if self.msm and not self.msm_docs:
+            raise ValueError("msm: true needs msm_docs (files of documents about the spec)")
+        if self.msm_docs and not self.msm:
+            raise ValueError("msm_docs is set but msm is false; set msm: true or drop msm_docs")
+        return self
 
 
 class PipelineConfig(StrictModel):
@@ -325,6 +337,8 @@ class PipelineConfig(StrictModel):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"arm names must be unique; repeated: {dupes}")
+        if "base" in names:
+            raise ValueError("arm name 'base' is reserved for the untrained student")
         return arms
 
 

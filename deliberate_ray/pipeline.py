@@ -1,0 +1,152 @@
+"""generate -> train (one run per arm) -> serve (base + arms side by side) -> eval -> report.
+
+`pipeline` only chains the stages; each stage reads and writes its own contract and can run
+alone. A stage that finished writes `{run_dir}/stages/{name}.json` (its outputs and wall
+time); a rerun skips it. A stage killed midway has no marker, so it runs again and resumes
+from its own state: generation skips done prompt ids, training resumes from its latest
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from deliberate_ray.config import ArmConfig, Config, ConfigError, PipelineConfig
+
+log = logging.getLogger(__name__)
+STAGE_SECTIONS = ("generate", "train", "serve", "eval")
+
+
+class Stages:
+    """Completion markers of one run directory."""
+
+    def __init__(self, run_dir: Path):
+        self.dir = run_dir / "stages"
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def done(self, name: str) -> dict[str, Any] | None:
+        path = self.dir / f"{name}.json"
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def run(self, name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """Run `fn` unless `name` already finished; record its outputs and wall time."""
+        if (prev := self.done(name)) is not None:
+            log.info("stage %s: done earlier, skipped (%s)", name, self.dir / f"{name}.json")
+            return prev | {"skipped": True}
+        log.info("stage %s: starting", name)
+        t0 = time.perf_counter()
+        result = fn() | {"wall_s": round(time.perf_counter() - t0, 2)}
+        tmp = self.dir / f".{name}.json.tmp"
+        tmp.write_text(json.dumps(result, indent=2, default=str))
+        tmp.replace(self.dir / f"{name}.json")
+        log.info("stage %s: finished in %.1f s", name, result["wall_s"])
+        return result
+
+
+def train_arm(cfg: Config, stages: Stages, arm: ArmConfig, tuples: str) -> dict[str, Any]:
+    """SFT one arm on the tuples; an MSM arm first midtrains on spec documents."""
+    from deliberate_ray.train import run_train
+
+    model = None
+    if arm.msm:
+        assert cfg.train is not None
+        steps = arm.msm_steps or cfg.train.max_steps
+        msm_cfg = cfg.model_copy(
+            update={"train": cfg.train.model_copy(update={"max_steps": steps})}
+        )
+        msm = stages.run(
+            f"train-{arm.name}-msm",
+            lambda: run_train(msm_cfg, variant="docs", name=f"{arm.name}-msm", data=arm.msm_docs),
+        )
+        model = msm["export_dir"]
+    return stages.run(
+        f"train-{arm.name}",
+        lambda: run_train(cfg, variant=arm.variant, name=arm.name, data=[tuples], model=model),
+    )
+
+
+def run_pipeline(cfg: Config) -> dict[str, Any]:
+    from deliberate_ray.evals import run_eval
+    from deliberate_ray.generate import run_generate
+    from deliberate_ray.report import write_report
+    from deliberate_ray.serve import shutdown, start_serve
+
+    missing = [s for s in STAGE_SECTIONS if getattr(cfg, s) is None]
+    if missing:
+        raise ConfigError(
+            "config",
+            [
+                f"{s}: missing section -> the pipeline runs every stage, "
+                "add it (see configs/demo.yaml)"
+                for s in missing
+            ],
+        )
+    assert cfg.train is not None and cfg.serve is not None and cfg.eval is not None
+    pipe = cfg.pipeline or PipelineConfig()
+    run_dir = Path(cfg.run_dir)
+    stages = Stages(run_dir)
+    t0 = time.perf_counter()
+
+    gen = stages.run("generate", lambda: run_generate(cfg))
+    if not gen["stats"]["total"].get("kept"):
+        raise RuntimeError(
+            f"generation kept no tuples (see {gen['output_dir']}/stats.json); nothing to train on"
+        )
+    trained = {arm.name: train_arm(cfg, stages, arm, gen["tuples"]) for arm in pipe.arms}
+    models = {"base": cfg.train.model} if pipe.compare_base else {}
+    models |= {name: t["export_dir"] for name, t in trained.items()}
+
+    def evaluate() -> dict[str, Any]:
+        serve_cfg = cfg.serve.model_copy(update={"models": models})
+        url = start_serve(models, serve_cfg)
+        try:
+            return run_eval(cfg.eval.suites, url, list(models), run_dir / "eval", cfg.eval)
+        finally:
+            shutdown()
+
+    ev = stages.run("eval", evaluate)
+    summary = {
+        "run_dir": str(run_dir),
+        "generate": gen,
+        "train": trained,
+        "eval": ev,
+        "wall_s": round(time.perf_counter() - t0, 2),
+    }
+    summary["report"] = str(write_report(cfg, summary))
+    return summary
+
+
+def summary_table(summary: dict[str, Any]) -> str:
+    """What the demo prints at the end: data kept/dropped, final losses, base vs arms."""
+    from deliberate_ray.evals.report import fmt
+    from deliberate_ray.report import dropped_by_reason
+
+    total = summary["generate"]["stats"]["total"]
+    lines = [
+        "",
+        "=" * 78,
+        f"tuples kept: {total.get('kept', 0)} of {total.get('prompts', 0)} "
+        f"prompts (acceptance {total.get('acceptance_rate', 0):.0%})",
+    ]
+    for reason, n in sorted(dropped_by_reason(total).items(), key=lambda kv: -kv[1]):
+        lines.append(f"  dropped {n:>5}  {reason}")
+    for arm, t in summary["train"].items():
+        loss = t.get("final_loss")
+        lines.append(f"final train loss [{arm}]: {'-' if loss is None else f'{loss:.4f}'}")
+    ev = summary["eval"]
+    for suite in ev["suites"]:
+        lines.append(f"{suite}:")
+        lines.append(f"  {'model':<12} {'not_unsafe':<34} {'not_overrefuse':<34}")
+        for model in ev["models"]:
+            overall = ev["results"].get(model, {}).get(suite, {}).get("overall", {})
+            lines.append(
+                f"  {model:<12} {fmt(overall.get('not_unsafe')):<34} "
+                f"{fmt(overall.get('not_overrefuse')):<34}"
+            )
+    lines += [f"wall time: {summary['wall_s']:.0f} s", f"report: {summary['report']}", "=" * 78]
+    return "\n".join(lines)
