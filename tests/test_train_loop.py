@@ -1,6 +1,6 @@
 """The loop's pieces in one process: a checkpoint round trip under FSDP2 (a 1-rank gloo
-group) continues exactly as the uninterrupted run, the data resumes at its position, the LR
-schedule."""
+group) continues exactly as the uninterrupted run, gradient accumulation weighs tokens
+evenly, the data resumes at its position, the LR schedule."""
 
 from __future__ import annotations
 
@@ -80,6 +80,25 @@ def test_checkpoint_round_trip_continues_exactly(tiny_model: str, mesh, tmp_path
     assert restored == state
     assert second.run(data[3:]) == pytest.approx(expected, rel=1e-6)
     assert len(list(tmp_path.glob("*.distcp"))) == 1
+
+
+def test_accumulated_micro_batches_weigh_every_token_the_same(tiny_model: str) -> None:
+    """Two micro-batches of one row each take the same step as one batch of both rows,
+    although the rows carry different numbers of label tokens."""
+    whole = batches(1)[0]
+    whole["labels"][1, 8:20] = IGNORE  # row 1 has fewer label tokens than row 0
+    halves = [{k: v[i : i + 1] for k, v in whole.items()} for i in (0, 1)]
+    results, weights = [], []
+    for data in ([whole], halves):
+        torch.manual_seed(0)
+        model = load_base_model(tiny_model).train()
+        params = list(model.parameters())
+        optimizer = torch.optim.SGD(params, lr=1.0)
+        results.append(train_step(model, optimizer, data, params, 1e9, nullcontext, 1))
+        weights.append(torch.cat([p.detach().flatten() for p in params]))
+    assert results[0].loss == pytest.approx(results[1].loss, rel=1e-6)
+    assert results[0].tokens == results[1].tokens == 64
+    torch.testing.assert_close(weights[0], weights[1], rtol=1e-5, atol=1e-6)
 
 
 class FakeShard:
