@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -17,6 +18,7 @@ class StubServer:
     def __init__(self, reply: Callable[[dict[str, Any]], str], api_key: str | None = None):
         self.reply = reply
         self.api_key = api_key
+        self.delay_s = 0.0  # per request: a slow endpoint, so a test can kill a run midway
         self.requests: list[dict[str, Any]] = []
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -44,6 +46,7 @@ class StubServer:
                     return self._send(404, {"error": {"message": f"no route {self.path}"}})
                 if stub.api_key and self.headers.get("Authorization") != f"Bearer {stub.api_key}":
                     return self._send(401, {"error": {"message": "bad api key"}})
+                time.sleep(stub.delay_s)
                 text = stub.reply(body)[: 4 * body["max_tokens"]]  # ~4 chars per token
                 tokens = max(1, len(text) // 4)
                 finish = "length" if tokens >= body["max_tokens"] else "stop"

@@ -278,12 +278,25 @@ def stub_reply(body: dict) -> str:
     return f" {policy} applies, so I refuse.\nAnswer: I can't help with that."
 
 
-@pytest.mark.ray
-def test_http_run_against_a_local_server(ray_session, tmp_path):
+@pytest.fixture(scope="module")
+def stub():
     with StubServer(stub_reply) as server:
-        engine = {"kind": "http", "model": "stub", "base_url": server.base_url, "max_retries": 0}
-        result = run_generate(run_config(tmp_path, "http", engine, engine), progress=False)
-        n_requests = len(server.requests)
+        yield server
+
+
+@pytest.fixture(scope="module")
+def http_run(ray_session, stub, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("http_run")
+    engine = {"kind": "http", "model": "stub", "base_url": stub.base_url, "max_retries": 0}
+    cfg = run_config(tmp, "uninterrupted", engine, engine)
+    stub.requests.clear()
+    result = run_generate(cfg, progress=False)
+    return cfg, result, len(stub.requests)
+
+
+@pytest.mark.ray
+def test_http_run_against_a_local_server(http_run):
+    _, result, n_requests = http_run
     tuples = read(result["tuples"]).to_pylist()
     # Every violence prompt refuses as it should; the general one refuses a benign question.
     assert sorted(t["category"] for t in tuples) == ["violence"] * 7
@@ -295,39 +308,44 @@ def test_http_run_against_a_local_server(ray_session, tmp_path):
 
 
 @pytest.mark.ray
-def test_resume_after_a_kill_matches_an_uninterrupted_run(hf_run, ray_session, tmp_path):
+def test_resume_after_a_kill_matches_an_uninterrupted_run(http_run, stub, ray_session, tmp_path):
     """A run killed after its first shard, then rerun, commits each prompt exactly once and
     ends with the same prompt ids as the uninterrupted run (whose judge differs: the ids do
-    not depend on it, and one engine less keeps the test short)."""
-    ref_cfg, ref = hf_run
+    not depend on it). The endpoint answers slowly until the kill, so the kill lands midway."""
+    ref_cfg, ref, _ = http_run
     cfg = ref_cfg.model_copy(deep=True)
     cfg.generate.output_dir = str(tmp_path / "killed")
     cfg.generate.shard_prompts = 1
-    cfg.generate.teacher.engine.batch_size = 2  # one prompt per batch: a slow, steady stream
-    cfg.generate.judge.llm.enabled = False  # which prompts end where does not depend on it
+    cfg.generate.teacher.engine.batch_size = 1
+    cfg.generate.judge.llm.enabled = False
     config_file = tmp_path / "killed.yaml"
     config_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     env = os.environ | {"RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            str(ROOT / "jobs" / "generate.py"),
-            "--config",
-            str(config_file),
-            "--no-progress",
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    commits = tmp_path / "killed" / "_commits"
-    deadline = time.time() + 120
-    while not (commits.exists() and any(commits.glob("*.json"))):
-        assert proc.poll() is None, "the run ended before it could be killed"
-        assert time.time() < deadline, "no shard committed within 120 s"
-        time.sleep(0.05)
-    proc.kill()
-    proc.wait()
+    job = [
+        sys.executable,
+        str(ROOT / "jobs" / "generate.py"),
+        "--no-progress",
+        "-c",
+        str(config_file),
+    ]
+    stub.delay_s = 1.0
+    try:
+        proc = subprocess.Popen(
+            job,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        commits = tmp_path / "killed" / "_commits"
+        deadline = time.time() + 120
+        while not (commits.exists() and any(commits.glob("*.json"))):
+            assert proc.poll() is None, "the run ended before it could be killed"
+            assert time.time() < deadline, "no shard committed within 120 s"
+            time.sleep(0.05)
+        proc.kill()
+        proc.wait()
+    finally:
+        stub.delay_s = 0.0
     done_at_kill = len(list(commits.glob("*.json")))
     assert done_at_kill < len(PROMPTS), "killed too late to test a resume"
 
