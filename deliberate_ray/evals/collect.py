@@ -87,6 +87,11 @@ def _postprocess(row: dict[str, Any]) -> dict[str, Any]:
     response = to_py(row["http_response"])
     out = response_output(response, int(row["sampling_params"]["max_tokens"]))
     message = (response.get("choices") or [{}])[0].get("message") or {}
+    error = out["engine_error"] or ""
+    if not error and not out["generated_text"].strip():
+        # Nothing to grade (e.g. cut off inside its reasoning): excluded and counted as a
+        # failed request, never scored as a refusal.
+        error = f"empty answer (finish_reason {out['finish_reason']})"
     return {
         "key": int(row["key"]),
         "model": row["model"],
@@ -95,7 +100,7 @@ def _postprocess(row: dict[str, Any]) -> dict[str, Any]:
         "finish_reason": out["finish_reason"],
         "prompt_tokens": out["num_input_tokens"],
         "completion_tokens": out["num_generated_tokens"],
-        "error": out["engine_error"] or "",
+        "error": error,
     }
 
 
