@@ -87,7 +87,8 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--micro-batch", type=int, default=2)
     parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--out", default=str(ROOT / "runs/bench-train"))
+    parser.add_argument("--out", default=str(ROOT / "runs/bench-train"), help="run folders")
+    parser.add_argument("--result", default=str(ROOT / "bench/results/train.json"))
     args = parser.parse_args()
 
     import ray
@@ -139,16 +140,17 @@ def main() -> None:
             "ray": ray.__version__,
             "load_avg_1min_before_after": [round(load_before, 1), round(os.getloadavg()[0], 1)],
         },
-        "data": data,
+        "data": os.path.relpath(data, ROOT),
         "args": vars(args),
         "runs": results,
         "ray_over_plain": round(ratio, 3),
         "packed_over_padded": round(packing, 3),
     }
-    (out / "result.json").write_text(json.dumps(report, indent=2))
+    Path(args.result).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.result).write_text(json.dumps(report, indent=2) + "\n")
     print(f"Ray Train / plain loop: {ratio:.2f}  (target >= 0.85)")
     print(f"packing / padded batches (real tokens/s): {packing:.2f}")
-    print(f"written to {out / 'result.json'}")
+    print(f"written to {args.result}")
 
 
 if __name__ == "__main__":
