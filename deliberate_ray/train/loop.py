@@ -152,6 +152,10 @@ def train_loop(config: dict[str, Any]) -> None:
     world, rank = context.get_world_size(), context.get_world_rank()
     device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
     torch.manual_seed(cfg.seed)
+    if rank == 0:
+        log.info(
+            "%d worker(s) on %s, %d torch threads each", world, device, torch.get_num_threads()
+        )
 
     model = load_base_model(cfg.model, cfg.attn_implementation)
     model.config.use_cache = False
