@@ -88,15 +88,16 @@ def _postprocess(row: dict[str, Any]) -> dict[str, Any]:
     out = response_output(response, int(row["sampling_params"]["max_tokens"]))
     message = (response.get("choices") or [{}])[0].get("message") or {}
     error = out["engine_error"] or ""
-    if not error and not out["generated_text"].strip():
-        # Nothing to grade (e.g. cut off inside its reasoning): excluded and counted as a
-        # failed request, never scored as a refusal.
-        error = f"empty answer (finish_reason {out['finish_reason']})"
+    reasoning = message.get("reasoning_content") or ""
+    if not error and reasoning.strip() and not out["generated_text"].strip():
+        # Reasoning with no answer after it (a CoT cut off by max_tokens): nothing to grade,
+        # so excluded and counted as a failed request, never scored as a refusal.
+        error = f"empty answer after reasoning (finish_reason {out['finish_reason']})"
     return {
         "key": int(row["key"]),
         "model": row["model"],
         "content": out["generated_text"],
-        "reasoning": message.get("reasoning_content") or "",
+        "reasoning": reasoning,
         "finish_reason": out["finish_reason"],
         "prompt_tokens": out["num_input_tokens"],
         "completion_tokens": out["num_generated_tokens"],
