@@ -11,22 +11,30 @@ from deliberate_ray import models
 from deliberate_ray.models import EMBEDDED, ModelRefError, resolve_model
 
 
-def test_tiny_random_builds_and_generates(tiny_model: str):
+def greedy_reply(model, tok, text: str, n: int):
+    """(new token ids, decoded text) of a greedy reply through the chat template."""
     import torch
 
-    tok = models.load_tokenizer(tiny_model)
-    model = models.load_model(tiny_model)
-    assert model.config.num_hidden_layers == 2
-    assert len(tok) == model.config.vocab_size
     ids = tok.apply_chat_template(
-        [{"role": "user", "content": "hi"}],
+        [{"role": "user", "content": text}],
         add_generation_prompt=True,
         return_tensors="pt",
         return_dict=True,
     )["input_ids"]
     with torch.inference_mode():
-        out = model.generate(ids, max_new_tokens=5, do_sample=False)
-    assert out.shape[1] == ids.shape[1] + 5
+        out = model.generate(ids, max_new_tokens=n, do_sample=False, min_new_tokens=0)
+    new = out[0, ids.shape[1] :]
+    return new.tolist(), tok.decode(new, skip_special_tokens=True)
+
+
+def test_tiny_random_builds_and_generates(tiny_model: str):
+
+    tok = models.load_tokenizer(tiny_model)
+    model = models.load_model(tiny_model)
+    assert model.config.num_hidden_layers == 2
+    assert len(tok) == model.config.vocab_size
+    new_tokens, _ = greedy_reply(model, tok, "hi", 5)
+    assert len(new_tokens) == 5
 
 
 def test_local_dir_and_hub_names(tmp_path: Path, tiny_model: str):
@@ -48,7 +56,6 @@ def test_missing_embedded_package_says_how_to_install(monkeypatch: pytest.Monkey
 
 @pytest.mark.embedded
 def test_embedded_loads_twice_second_is_cached_and_generates(tmp_path, monkeypatch):
-    import torch
 
     monkeypatch.setenv("DELIBERATE_RAY_CACHE", str(tmp_path))
     t0 = time.perf_counter()
@@ -62,13 +69,5 @@ def test_embedded_loads_twice_second_is_cached_and_generates(tmp_path, monkeypat
     assert (Path(first) / "model.safetensors").exists()
     assert sum(p.numel() for p in model.parameters()) == 134_515_008
     assert second_s < convert_s / 3, (convert_s, second_s)
-    ids = tok.apply_chat_template(
-        [{"role": "user", "content": "What is 2 + 2?"}],
-        add_generation_prompt=True,
-        return_tensors="pt",
-        return_dict=True,
-    )["input_ids"]
-    with torch.inference_mode():
-        out = model.generate(ids, max_new_tokens=12, do_sample=False)
-    text = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+    _, text = greedy_reply(model, tok, "What is 2 + 2?", 12)
     assert "4" in text, text
