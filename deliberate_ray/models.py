@@ -145,8 +145,12 @@ def load_model(ref: str, dtype: str = "auto", device: str = "cpu") -> Any:
     from transformers import AutoModelForCausalLM
 
     if dtype == "auto":
-        torch_dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    else:
-        torch_dtype = getattr(torch, dtype)
+        # bf16 on GPUs and on CPUs that compute it natively (AVX512-BF16/AMX: ~5x fp32 on
+        # the spec-prefixed generation of bench/vllm_engines.py); fp32 on other CPUs.
+        from deliberate_ray.engines.select import cpu_dtype
+
+        dtype = "bfloat16" if device.startswith("cuda") else cpu_dtype()
+        log.info("model %s: dtype auto -> %s on %s", ref, dtype, device)
+    torch_dtype = getattr(torch, dtype)
     model = AutoModelForCausalLM.from_pretrained(resolve_model(ref), dtype=torch_dtype)
     return model.to(device).eval()

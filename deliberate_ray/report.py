@@ -101,8 +101,7 @@ def write_report(cfg: Config, summary: dict[str, Any]) -> Path:
         f"- run directory: `{run_dir}`",
         f"- spec: `{cfg.spec.path}` (variant `{cfg.spec.variant}`, "
         f"spec_sha `{load_spec(cfg.spec.path).sha}`)",
-        f"- teacher: `{cfg.generate.teacher.engine.model if cfg.generate else '?'}`"
-        f" ({cfg.generate.teacher.engine.kind if cfg.generate else '?'} engine)",
+        f"- teacher: `{gen.get('teacher', '?')}`; judge: `{gen.get('judge', '?')}`",
         f"- student: `{cfg.train.model if cfg.train else '?'}`; arms: "
         + ", ".join(f"`{a}` ({t.get('variant')})" for a, t in train.items()),
         f"- total wall time: {summary['wall_s']:.0f} s",

@@ -2,7 +2,8 @@
 
 `apply_engine(ds, cfg, keep)` takes a Dataset whose rows hold `messages` and
 `sampling_params` and returns a lazy Dataset of the `keep` columns plus `generated_text`,
-token counts, `finish_reason` and `engine_error`.
+token counts, `finish_reason` and `engine_error`. `kind: auto` is resolved here (see
+`select`): vLLM where it runs, else transformers.
 """
 
 from __future__ import annotations
@@ -10,9 +11,11 @@ from __future__ import annotations
 from typing import Any
 
 from deliberate_ray.config import EngineConfig
+from deliberate_ray.engines.select import resolve_engine
 
 
 def apply_engine(ds: Any, cfg: EngineConfig, keep: list[str]) -> Any:
+    cfg = resolve_engine(cfg)
     if cfg.kind == "hf":
         from deliberate_ray.engines.hf import apply_hf
 
@@ -26,4 +29,4 @@ def apply_engine(ds: Any, cfg: EngineConfig, keep: list[str]) -> Any:
     return apply_http(ds, cfg, keep)
 
 
-__all__ = ["apply_engine"]
+__all__ = ["apply_engine", "resolve_engine"]

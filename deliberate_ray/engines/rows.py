@@ -23,6 +23,11 @@ SAMPLING_PARAMS = pa.struct(
         ("seed", pa.int64()),
     ]
 )
+# Logical CPUs of the light map stages (building requests, parsing, reading scores, an
+# engine's own pre/post-processing). Ray Data splits the CPUs the engine actors leave among
+# the other operators; on 2 cores each gets ~0.2, and a stage asking for more waits until
+# the engines finish, which would stop shards from being committed while the teacher runs.
+LIGHT_CPUS = 0.1
 OUTPUT_FIELDS = [
     pa.field("generated_text", pa.string()),
     pa.field("num_input_tokens", pa.int32()),

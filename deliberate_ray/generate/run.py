@@ -28,8 +28,8 @@ from deliberate_ray.contracts import (
     quarantine_row,
     stable_id,
 )
-from deliberate_ray.engines import apply_engine
-from deliberate_ray.engines.rows import SAMPLING_PARAMS, sampling_params
+from deliberate_ray.engines import apply_engine, resolve_engine
+from deliberate_ray.engines.rows import LIGHT_CPUS, SAMPLING_PARAMS, sampling_params
 from deliberate_ray.generate import teacher
 from deliberate_ray.generate.store import ShardStore, write_card
 from deliberate_ray.graders.refusal import classify_refusals
@@ -85,11 +85,6 @@ JUDGED_ROW = pa.schema(
         pa.field("judge_generated_tokens", pa.int32()),
     ]
 )
-# Logical CPUs of the light map stages (building requests, parsing, reading scores). Ray
-# Data splits the CPUs the engine actors leave among the other operators; on 2 cores each
-# gets ~0.2, and a stage asking for more waits until the engines finish, which would stop
-# shards from being committed while the teacher runs.
-LIGHT_CPUS = 0.1
 COUNTS = (
     "prompts",
     "samples",
@@ -435,8 +430,7 @@ def output_dir(cfg: Config) -> Path:
 
 def run_generate(cfg: Config, progress: bool = True) -> dict[str, Any]:
     """Run (or resume) the generate stage; returns output paths and stats."""
-    if cfg.generate is None:
-        cfg = cfg.model_copy(update={"generate": GenerateConfig()})
+    cfg = cfg.model_copy(update={"generate": resolve_engines(cfg.generate or GenerateConfig())})
     g: GenerateConfig = cfg.generate  # type: ignore[assignment]
     started = time.time()
     spec = load_spec(cfg.spec.path)
@@ -491,7 +485,22 @@ def run_generate(cfg: Config, progress: bool = True) -> dict[str, Any]:
         "quarantine": str(store.path("quarantine")),
         "stats_path": str(root / "stats.json"),
         "stats": stats,
+        "teacher": g.teacher.engine.label,
+        "judge": Finisher.judge_label(g),
     }
+
+
+def resolve_engines(g: GenerateConfig) -> GenerateConfig:
+    """Teacher and judge with `kind: auto` resolved once, so data provenance names the engine
+    that really ran."""
+    teacher = g.teacher.model_copy(
+        update={"engine": resolve_engine(g.teacher.engine, "teacher engine")}
+    )
+    llm = g.judge.llm
+    if llm.enabled:
+        llm = llm.model_copy(update={"engine": resolve_engine(llm.engine, "judge engine")})
+    judge = g.judge.model_copy(update={"llm": llm})
+    return g.model_copy(update={"teacher": teacher, "judge": judge})
 
 
 def warn_if_actors_cannot_fit(g: GenerateConfig) -> None:
@@ -499,11 +508,12 @@ def warn_if_actors_cannot_fit(g: GenerateConfig) -> None:
     import ray
 
     engines = [g.teacher.engine] + ([g.judge.llm.engine] if g.judge.llm.enabled else [])
-    need = sum(e.num_cpus * e.concurrency for e in engines if e.kind == "hf") + LIGHT_CPUS
+    local = [e for e in engines if e.kind == "hf" or (e.kind == "vllm" and e.num_gpus == 0)]
+    need = sum(e.num_cpus * e.concurrency for e in local) + LIGHT_CPUS
     have = ray.cluster_resources().get("CPU", 0.0)
     if need > have:
         log.warning(
-            "the hf engine actors ask for %.2f logical CPUs plus %.2f for parse/check tasks, "
+            "the engine actors ask for %.2f logical CPUs plus %.2f for parse/check tasks, "
             "but the cluster has %.2f now: unless it autoscales, the run will wait forever. "
             "Lower engine.num_cpus (torch_threads still sets the threads).",
             need - LIGHT_CPUS,
