@@ -115,6 +115,7 @@ def main() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cfg = ServeConfig(
+        engine="hf",
         port=port,
         num_cpus=1,
         torch_threads=args.threads,

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from deliberate_ray.config import ConfigError, EvalConfig
+from deliberate_ray.evals.collect import reply_parts
 from deliberate_ray.evals.metrics import bootstrap_ci, compute_metrics, worst_case
 from deliberate_ray.evals.report import write_chart, write_report
 from deliberate_ray.evals.suites import load_suite
@@ -192,3 +193,22 @@ def test_rule_checks_on_a_reply(spec):
     assert rule_checks(base | lecture, spec) == (False, None)
     assert rule_checks(base | {"content": "", "reasoning": None}, spec) == (None, None)
     assert rule_checks(base | cot | {"error": "HTTP 500"}, spec) == (None, None)
+
+
+@pytest.mark.parametrize(
+    ("message", "reasoning", "content"),
+    [
+        ({"content": "Paris."}, None, "Paris."),
+        ({"content": "Paris.", "reasoning": "Easy."}, "Easy.", "Paris."),  # vLLM >= 0.10
+        ({"content": "Paris.", "reasoning_content": "Easy."}, "Easy.", "Paris."),  # hf app
+        ({"content": "", "reasoning": "Still thinking"}, "Still thinking", ""),  # cut off
+        # a CoT cut off before `</think>` left in the content (vLLM's olmo3 parser does that)
+        ({"content": "<think>Still thinking"}, "Still thinking", ""),
+        ({"content": "<think>"}, "", ""),
+        ({"content": "<think>Easy.</think> Paris."}, "Easy.", "Paris."),  # no parser
+    ],
+)
+def test_reply_parts(message, reasoning, content):
+    """The eval's (reasoning, answer) of a reply; reasoning not None with an empty answer is
+    a failed request."""
+    assert reply_parts(message, message["content"]) == (reasoning, content)

@@ -36,6 +36,7 @@ def url(ray_session, tiny_model):
     mp = pytest.MonkeyPatch()
     mp.setenv(KEY_ENV, KEY)
     cfg = ServeConfig(
+        engine="hf",
         port=free_port(),
         num_cpus=0.5,
         api_key_env=KEY_ENV,

@@ -7,7 +7,9 @@ import pytest
 
 from deliberate_ray.serve.protocol import (
     APIError,
+    check_api_key,
     completion_response,
+    key_digest,
     parse_chat_request,
     parse_model_args,
     split_reasoning,
@@ -100,3 +102,14 @@ def test_serve_and_eval_commands_reject_bad_input_before_starting(tmp_path):
          "http://127.0.0.1:9", "--model", "m", "--out", str(tmp_path)],
     )  # fmt: skip
     assert unreachable.exit_code == 2 and "cannot reach" in unreachable.output
+
+
+def test_check_api_key():
+    digest = key_digest("k3y")
+    check_api_key("Bearer k3y", digest)
+    check_api_key("bearer  k3y ", digest)
+    check_api_key("", None)  # no key configured: no authentication
+    for header in ("", "k3y", "Bearer", "Bearer wrong", "Basic k3y"):
+        with pytest.raises(APIError) as e:
+            check_api_key(header, digest)
+        assert e.value.status == 401 and e.value.body()["error"]["code"] == "invalid_api_key"

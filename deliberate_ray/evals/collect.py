@@ -2,7 +2,7 @@
 
 One request per (suite row, model), sent by `ray.data.llm`'s HTTP processor (concurrent
 actors, retries with backoff on 429/5xx and dropped connections) with the request body and
-response parsing of the `http` engine, plus the reply's `reasoning_content` (the CoT).
+response parsing of the `http` engine, plus the reply's reasoning (the CoT).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import httpx
 from deliberate_ray.config import EngineConfig, EvalConfig
 from deliberate_ray.engines.http import headers, payload, processor_config, response_output
 from deliberate_ray.engines.rows import to_py
+from deliberate_ray.serve.protocol import THINK_CLOSE, THINK_OPEN, split_reasoning
 
 # HTTP stages wait on the network: several share one core, and they must leave CPUs free
 # for a Serve replica on the same (small) cluster.
@@ -71,15 +72,28 @@ def request_items(rows: list[dict[str, Any]], models: list[str], cfg: EvalConfig
         "stop": [],
         "seed": cfg.seed,
     }
+    # Model by model: on a small machine each served model is an engine of its own, and one
+    # busy engine at a time batches its requests instead of the engines fighting for cores.
     return [
         {"key": i, "model": model, "messages": row["messages"], "sampling_params": params}
-        for i, row in enumerate(rows)
         for model in models
+        for i, row in enumerate(rows)
     ]
 
 
 def _preprocess(row: dict[str, Any], engine: EngineConfig) -> dict[str, Any]:
     return row | {"payload": payload(row, engine) | {"model": row["model"]}}
+
+
+def reply_parts(message: dict[str, Any], content: str) -> tuple[str | None, str]:
+    """(reasoning or None, answer) of a reply. The CoT is in `reasoning` (vLLM >= 0.10) or
+    `reasoning_content` (older vLLM, our transformers app); a `<think>` block still in the
+    content is split here: a server without a reasoning parser, or a CoT cut off before
+    `</think>` (vLLM's olmo3 parser then returns all of it as content)."""
+    reasoning = message.get("reasoning") or message.get("reasoning_content")
+    if not reasoning and (THINK_OPEN in content or THINK_CLOSE in content):
+        return split_reasoning(content)
+    return reasoning or None, content
 
 
 def _postprocess(row: dict[str, Any]) -> dict[str, Any]:
@@ -88,16 +102,16 @@ def _postprocess(row: dict[str, Any]) -> dict[str, Any]:
     out = response_output(response, int(row["sampling_params"]["max_tokens"]))
     message = (response.get("choices") or [{}])[0].get("message") or {}
     error = out["engine_error"] or ""
-    reasoning = message.get("reasoning_content") or ""
-    if not error and reasoning.strip() and not out["generated_text"].strip():
+    reasoning, content = reply_parts(message, out["generated_text"])
+    if not error and reasoning is not None and not content.strip():
         # Reasoning with no answer after it (a CoT cut off by max_tokens): nothing to grade,
         # so excluded and counted as a failed request, never scored as a refusal.
         error = f"empty answer after reasoning (finish_reason {out['finish_reason']})"
     return {
         "key": int(row["key"]),
         "model": row["model"],
-        "content": out["generated_text"],
-        "reasoning": reasoning,
+        "content": content,
+        "reasoning": reasoning or "",
         "finish_reason": out["finish_reason"],
         "prompt_tokens": out["num_input_tokens"],
         "completion_tokens": out["num_generated_tokens"],

@@ -1,4 +1,5 @@
-"""OpenAI-compatible serving on Ray Serve: transformers on CPU, `ray.serve.llm` on GPU."""
+"""OpenAI-compatible serving on Ray Serve: `ray.serve.llm` (vLLM) wherever vLLM runs, else
+transformers."""
 
 from deliberate_ray.serve.launch import shutdown, start_serve
 

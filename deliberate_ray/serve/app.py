@@ -1,16 +1,14 @@
-"""Ray Serve app for CPU (and GPU without vLLM): one FastAPI deployment whose replicas hold
-every served model on the transformers engine, each model with its own `@serve.batch` queue.
+"""Ray Serve app where vLLM does not run: one FastAPI deployment whose replicas hold every
+served model on the transformers engine, each model with its own `@serve.batch` queue.
 
 A replica checks the API key and the request (every rejection an OpenAI-style 4xx) and routes
 by the request's `model` field, so a base model and its trained variants answer side by side.
 Keeping the models in the ingress replica saves a Ray hop per request, which is most of the
 serving overhead for small models on a few cores; replicas scale with `serve.autoscaling`.
-(At GPU scale, `ray.serve.llm` deploys and scales each model on its own: serve/vllm.py.)
+(Where vLLM runs, `ray.serve.llm` deploys and scales each model on its own: serve/vllm.py.)
 """
 
 import asyncio
-import hashlib
-import hmac
 import json
 import logging
 from dataclasses import replace
@@ -27,6 +25,7 @@ from deliberate_ray.engines.rows import split_prefill
 from deliberate_ray.serve.protocol import (
     APIError,
     ChatRequest,
+    check_api_key,
     completion_response,
     models_response,
     parse_chat_request,
@@ -57,10 +56,6 @@ async def _server_error(_: Request, exc: Exception) -> JSONResponse:
     log.exception("request failed")
     err = APIError(500, f"internal error: {type(exc).__name__}", type_="server_error")
     return JSONResponse(err.body(), status_code=500)
-
-
-def key_digest(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
 
 
 class ChatModel:
@@ -130,17 +125,7 @@ class OpenAIServer:
         self.default_max_tokens = cfg.default_max_tokens
 
     def _authorize(self, request: Request) -> None:
-        if self.key_sha256 is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            key_digest(token.strip()), self.key_sha256
-        ):
-            raise APIError(
-                401,
-                "missing or invalid API key: send 'Authorization: Bearer <key>'",
-                code="invalid_api_key",
-            )
+        check_api_key(request.headers.get("authorization", ""), self.key_sha256)
 
     @api.get("/v1/models")
     async def list_models(self, request: Request) -> dict[str, Any]:

