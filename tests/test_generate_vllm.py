@@ -102,9 +102,8 @@ def test_a_row_vllm_rejects_goes_to_quarantine_and_the_run_goes_on(vllm_run):
     assert len(errors) == 2  # both samples of the over-long prompt
     for q in errors:
         raw = json.loads(q["raw"])
-        assert "longer than the maximum model length" in raw["engine_error"] or (
-            "max_model_len" in raw["engine_error"]
-        )
+        assert raw["engine_error"].startswith("VLLMValidationError")
+        assert "maximum context length is 4096 tokens" in raw["engine_error"]
     reasons = Counter(q["reason"] for q in quarantine)
     assert reasons["engine_error"] == 2
     stats = json.loads(Path(result["stats_path"]).read_text())["total"]

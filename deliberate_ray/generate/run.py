@@ -67,7 +67,8 @@ DRAFT_COLS = [
     pa.field("teacher_generated_tokens", pa.int32()),
     pa.field("teacher_finish_reason", pa.string()),
     pa.field("malformed", pa.string()),
-    pa.field("engine_error", pa.string()),
+    # The teacher's error (the judge engine adds its own `engine_error` column after this).
+    pa.field("teacher_error", pa.string()),
     pa.field("checks", CHECKS),
     pa.field("gate", pa.string()),
     pa.field("judge_index", pa.int32()),
@@ -159,7 +160,7 @@ def drafts(batch: pa.Table, spec: Spec, cfg: Config) -> pa.Table:
             "teacher_generated_tokens": r["num_generated_tokens"],
             "teacher_finish_reason": r["finish_reason"],
             "malformed": p.malformed,
-            "engine_error": r["engine_error"],
+            "teacher_error": r["engine_error"],
             "checks": None,
             "gate": None,
             "judge_index": 0,
@@ -384,7 +385,7 @@ class Finisher:
         }
 
     def malformed_row(self, r: dict[str, Any]) -> dict[str, Any]:
-        raw = self.sample_row(r) | {"engine_error": r["engine_error"]}
+        raw = self.sample_row(r) | {"engine_error": r["teacher_error"]}
         return quarantine_row("parse", r["malformed"], raw, f"{r['id']}:{r['sample_index']}")
 
     def judged_row(self, runs: list[dict[str, Any]]) -> dict[str, Any]:
