@@ -82,6 +82,9 @@ def pipeline_config(tmp: Path, teacher: str, student: str) -> Config:
                 "lr": 1e-3,
             },
             "serve": {
+                # The transformers app: tiny random models are not worth a vLLM engine each
+                # (tests/test_vllm.py serves the embedded model on vLLM).
+                "engine": "hf",
                 "port": free_port(),
                 "num_cpus": 0.5,
                 "max_tokens_limit": 64,
