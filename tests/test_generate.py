@@ -337,10 +337,10 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(http_run, stub, ray_se
             stderr=subprocess.DEVNULL,
         )
         commits = tmp_path / "killed" / "_commits"
-        deadline = time.time() + 120
+        deadline = time.time() + 300  # generous: a loaded 2-core machine starts Ray Data slowly
         while not (commits.exists() and any(commits.glob("*.json"))):
             assert proc.poll() is None, "the run ended before it could be killed"
-            assert time.time() < deadline, "no shard committed within 120 s"
+            assert time.time() < deadline, "no shard committed within 300 s"
             time.sleep(0.05)
         proc.kill()
         proc.wait()
