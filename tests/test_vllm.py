@@ -8,18 +8,13 @@ import socket
 
 import httpx
 import pytest
+from vllm_support import VLLM_MARKS
 
 from deliberate_ray.config import ServeConfig
-from deliberate_ray.engines.select import vllm_unusable_reason
 from deliberate_ray.evals.collect import reply_parts
 from deliberate_ray.models import resolve_model
 
-UNUSABLE = vllm_unusable_reason(0)
-pytestmark = [
-    pytest.mark.vllm,
-    pytest.mark.ray,
-    pytest.mark.skipif(UNUSABLE is not None, reason=f"vLLM cannot run here: {UNUSABLE}"),
-]
+pytestmark = VLLM_MARKS
 
 MODEL = "embedded:smollm2-135m-instruct"
 KEY_ENV, KEY = "DELIBERATE_RAY_VLLM_TEST_KEY", "vllm-key-456"
