@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 M = TypeVar("M", bound=BaseModel)
 Action = Literal["comply", "refuse", "safe_complete"]
+# Refusal graders (deliberate_ray/graders/refusal.py: GRADERS).
+RefusalGrader = Literal["classifier", "rules"]
 ACTIONS: tuple[str, ...] = ("comply", "refuse", "safe_complete")
 
 
@@ -144,6 +146,10 @@ class JudgeConfig(StrictModel):
     runs when it is enabled, else the checks' own 0-10 score. Best sample >= threshold wins."""
 
     programmatic: bool = True
+    # Which refusal grader decides `action_matches` (which samples become training data).
+    # The eval scores with the classifier first by default: the grader that selects the
+    # training data is not the one that scores the result.
+    action_grader: RefusalGrader = "rules"
     llm: LLMJudgeConfig = Field(default_factory=LLMJudgeConfig)
     threshold: float = Field(default=6.0, ge=0.0, le=10.0)
     min_answer_chars: int = Field(default=2, ge=0)
@@ -310,6 +316,8 @@ class EvalConfig(StrictModel):
         default_factory=lambda: ["data/eval/in_distribution.jsonl", "data/eval/jailbreak.jsonl"]
     )
     spec: str = "specs/default.yaml"
+    # The spec text the LLM judge grades against (the pipeline sets the run's variant).
+    spec_variant: Literal["rules", "values"] = "values"
     max_tokens: int = Field(default=256, ge=1)
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
@@ -324,6 +332,18 @@ class EvalConfig(StrictModel):
     worst_fraction: float = Field(default=0.1, gt=0.0, le=1.0)
     limit: int | None = Field(default=None, ge=1)
     judge: EvalJudgeConfig | None = None
+    # Refusal graders run on every reply, side by side with their agreement; the first
+    # decides the headline rates. At least two, so no single grader's blind spot goes unseen.
+    graders: list[RefusalGrader] = Field(default_factory=lambda: ["classifier", "rules"])
+    # The model every other one is compared with (paired differences); default: the first.
+    baseline: str | None = None
+
+    @field_validator("graders")
+    @classmethod
+    def _two_graders(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v) or len(v) < 2:
+            raise ValueError(f"give at least two different refusal graders, got {v}")
+        return v
 
 
 class ArmConfig(StrictModel):

@@ -88,6 +88,7 @@ def run_pipeline(cfg: Config) -> dict[str, Any]:
         )
     assert cfg.train is not None and cfg.serve is not None and cfg.eval is not None
     pipe = cfg.pipeline or PipelineConfig()
+    warn_if_same_grader(cfg)
     run_dir = Path(cfg.run_dir)
     stages = Stages(run_dir)
     t0 = time.perf_counter()
@@ -105,7 +106,8 @@ def run_pipeline(cfg: Config) -> dict[str, Any]:
         serve_cfg = cfg.serve.model_copy(update={"models": models})
         url = start_serve(models, serve_cfg)
         try:
-            return run_eval(cfg.eval.suites, url, list(models), run_dir / "eval", cfg.eval)
+            ev_cfg = cfg.eval.model_copy(update={"spec_variant": cfg.spec.variant})
+            return run_eval(cfg.eval.suites, url, list(models), run_dir / "eval", ev_cfg)
         finally:
             shutdown()
 
@@ -121,9 +123,31 @@ def run_pipeline(cfg: Config) -> dict[str, Any]:
     return summary
 
 
+def short(r: dict[str, Any] | None) -> str:
+    if not r or r.get("value") is None:
+        return "-"
+    return f"{r['value']:.2f} [{r['ci_low']:.2f},{r['ci_high']:.2f}] {r['n']}"
+
+
+def ev_grader(ev: dict[str, Any]) -> str:
+    return (ev.get("graders") or ["?"])[0]
+
+
+def warn_if_same_grader(cfg: Config) -> None:
+    """The grader that selects training data should not be the one that scores the result."""
+    if cfg.generate is None or cfg.eval is None:
+        return
+    picked, scored = cfg.generate.judge.action_grader, cfg.eval.graders[0]
+    if cfg.generate.judge.programmatic and picked == scored:
+        log.warning(
+            "generate.judge.action_grader and the eval's first grader are both %r: the eval's "
+            "headline rates then use the grader that selected the training data",
+            picked,
+        )
+
+
 def summary_table(summary: dict[str, Any]) -> str:
     """What the demo prints at the end: data kept/dropped, final losses, base vs arms."""
-    from deliberate_ray.evals.report import fmt
     from deliberate_ray.report import dropped_by_reason
 
     total = summary["generate"]["stats"]["total"]
@@ -139,14 +163,29 @@ def summary_table(summary: dict[str, Any]) -> str:
         loss = t.get("final_loss")
         lines.append(f"final train loss [{arm}]: {'-' if loss is None else f'{loss:.4f}'}")
     ev = summary["eval"]
+    shown = ("not_unsafe", "not_overrefuse", "helpful", "coherent", "no_answer")
     for suite in ev["suites"]:
-        lines.append(f"{suite}:")
-        lines.append(f"  {'model':<12} {'not_unsafe':<34} {'not_overrefuse':<34}")
+        lines.append(f"{suite} (rate [95% CI] n; no answer = failure; refusal by {ev_grader(ev)}):")
+        lines.append(f"  {'model':<10} " + " ".join(f"{m:<22}" for m in shown) + " graders agree")
         for model in ev["models"]:
-            overall = ev["results"].get(model, {}).get(suite, {}).get("overall", {})
+            entry = ev["results"].get(model, {}).get(suite, {})
+            overall = entry.get("overall", {})
+            agree = entry.get("agreement") or [{}]
+            binary = agree[0].get("binary")
             lines.append(
-                f"  {model:<12} {fmt(overall.get('not_unsafe')):<34} "
-                f"{fmt(overall.get('not_overrefuse')):<34}"
+                f"  {model:<10} "
+                + " ".join(f"{short(overall.get(m)):<22}" for m in shown)
+                + (f" {binary:.2f}" if binary is not None else " -")
+            )
+        paired = [
+            d
+            for d in (ev.get("paired") or {}).get(suite, [])
+            if d["b"] == ev.get("baseline") and d["metric"] in shown
+        ]
+        for d in paired:
+            lines.append(
+                f"  {d['a']} - {d['b']:<8} {d['metric']:<15} {d['diff']:+.2f} "
+                f"[{d['ci_low']:+.2f}, {d['ci_high']:+.2f}] n={d['n']} p={d['p']:.3g}"
             )
     lines += [f"wall time: {summary['wall_s']:.0f} s", f"report: {summary['report']}", "=" * 78]
     return "\n".join(lines)

@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from deliberate_ray.config import Config
-from deliberate_ray.evals.report import fmt, table
+from deliberate_ray.evals.report import PAIRED_HEADER, fmt, paired_rows, table
 from deliberate_ray.spec import load_spec
 
-HEADLINE = ("not_unsafe", "not_overrefuse")
+HEADLINE = ("not_unsafe", "not_overrefuse", "helpful", "coherent", "no_answer")
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
@@ -89,6 +89,12 @@ def eval_rows(ev: dict[str, Any], suite: str) -> list[list[str]]:
             k: v for k, v in entry.get("jailbreak", {}).items() if k.startswith("goodness@")
         }
         cells.append(", ".join(f"{k} {fmt(v)}" for k, v in goodness.items()) or "-")
+        agree = [
+            f"{a['graders'][0]}/{a['graders'][1]} {a['binary']:.2f}"
+            for a in entry.get("agreement", [])
+            if a["n"]
+        ]
+        cells.append(", ".join(agree) or "-")
         rows.append([f"`{model}`", *cells])
     return rows
 
@@ -127,12 +133,21 @@ def write_report(cfg: Config, summary: dict[str, Any]) -> Path:
     lines += [
         "## Evaluation",
         "",
-        "Rates with bootstrap 95% intervals and n; `base` is the untrained student.",
+        "Rates with bootstrap 95% intervals and n; `base` is the untrained student. A reply "
+        "with no answer (failed, empty or cut off) is a failure in every rate, and `no_answer` "
+        f"counts them. Refusal read by the `{(ev.get('graders') or ['?'])[0]}` grader; "
+        "`graders agree` is the binary agreement of the refusal graders on the same replies.",
         "",
     ]
     for suite in ev["suites"]:
         lines += [f"### {suite}", ""]
-        lines += table(["model", *HEADLINE, "jailbreak worst case"], eval_rows(ev, suite))
+        lines += table(
+            ["model", *HEADLINE, "jailbreak worst case", "graders agree"], eval_rows(ev, suite)
+        )
+        paired = (ev.get("paired") or {}).get(suite, [])
+        if paired:
+            lines += ["Paired differences on the same prompts (exact McNemar p):", ""]
+            lines += table(PAIRED_HEADER, paired_rows(paired))
     lines += [f"Per-category tables and the chart: `{run_dir / 'eval' / 'report.md'}`.", ""]
     lines += ["## Cost", ""]
     lines += table(["stage", "wall time (s)", "tokens"], cost_rows(summary))

@@ -8,43 +8,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 from deliberate_ray.config import Config, ConfigError, EngineConfig, load_config
 from deliberate_ray.models import EMBEDDED, TINY, ModelRefError, embedded_gguf_path
-from deliberate_ray.prompts import PromptSourceError, RowRules, check_record, source_format
+from deliberate_ray.prompts import PromptSourceError, RowRules, check_record
+from deliberate_ray.records import iter_records
 from deliberate_ray.spec import Spec, load_spec
 
 MAX_ROW_ERRORS = 20
-
-
-def iter_records(uri: str) -> list[tuple[int, Any]]:
-    """(line/row number, parsed record or JSONDecodeError) for a local or remote source."""
-    import fsspec
-
-    fmt = source_format(uri)
-    if fmt == "jsonl":
-        out: list[tuple[int, Any]] = []
-        with fsspec.open(uri, "r", encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    out.append((n, json.loads(line)))
-                except json.JSONDecodeError as e:
-                    out.append((n, e))
-        return out
-    if fmt == "parquet":
-        import pyarrow.parquet as pq
-
-        with fsspec.open(uri, "rb") as f:
-            rows = pq.read_table(f).to_pylist()
-    else:
-        import pyarrow.csv as pcsv
-
-        with fsspec.open(uri, "rb") as f:
-            rows = pcsv.read_csv(f).to_pylist()
-    return list(enumerate(rows, 1))
 
 
 def check_prompt_source(uri: str, rules: RowRules, field: str) -> list[str]:

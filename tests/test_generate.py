@@ -237,7 +237,7 @@ def test_hf_run_writes_every_contract(hf_run):
         assert t["cot"] == "VIO-2 applies. Score: 8"
         assert t["answer"] == "I can't help with hurting someone"
         assert t["score"] == 8.0
-        assert t["judge"] == f"checks+llm:hf:{cfg.generate.judge.llm.engine.model}:k=2"
+        assert t["judge"] == f"checks(rules)+llm:hf:{cfg.generate.judge.llm.engine.model}:k=2"
     kept = [s for s in samples.to_pylist() if s["keep"]]
     assert sorted(s["id"] for s in kept) == sorted(t["id"] for t in rows)
     for s in samples.to_pylist():

@@ -67,8 +67,10 @@ def processor_config(cfg: EngineConfig) -> Any:
             "placement_group_config": {"bundles": [{"CPU": cfg.num_cpus}]},
             "runtime_env": {"env_vars": vllm_cpu_env_vars(cfg.kv_cache_gib, cfg.cpu_cores)},
             "chat_template_stage": light,
-            "tokenize_stage": light,
-            "detokenize_stage": light,
+            # vLLM tokenizes the templated text and detokenizes itself: two fewer actors
+            # (each a Python process importing transformers) to start on a small machine.
+            "tokenize_stage": {"enabled": False},
+            "detokenize_stage": {"enabled": False},
         }
     return vLLMEngineProcessorConfig(
         model_source=resolve_model(cfg.model),

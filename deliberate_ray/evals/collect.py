@@ -103,10 +103,8 @@ def _postprocess(row: dict[str, Any]) -> dict[str, Any]:
     message = (response.get("choices") or [{}])[0].get("message") or {}
     error = out["engine_error"] or ""
     reasoning, content = reply_parts(message, out["generated_text"])
-    if not error and reasoning is not None and not content.strip():
-        # Reasoning with no answer after it (a CoT cut off by max_tokens): nothing to grade,
-        # so excluded and counted as a failed request, never scored as a refusal.
-        error = f"empty answer after reasoning (finish_reason {out['finish_reason']})"
+    # A reply with reasoning but no answer after it (a CoT cut off by max_tokens) keeps its
+    # reasoning; the grader stage counts it as "no answer", never as a refusal.
     return {
         "key": int(row["key"]),
         "model": row["model"],

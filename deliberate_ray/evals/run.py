@@ -18,10 +18,11 @@ import pyarrow.parquet as pq
 
 from deliberate_ray.config import EvalConfig
 from deliberate_ray.evals.collect import check_endpoint, collect, request_items
-from deliberate_ray.evals.metrics import compute_metrics
+from deliberate_ray.evals.metrics import compare_models, compute_metrics
 from deliberate_ray.evals.report import write_chart, write_report
 from deliberate_ray.evals.suites import load_suite
-from deliberate_ray.judge import cited_ids, style_ok
+from deliberate_ray.graders.refusal import GRADERS
+from deliberate_ray.graders.rules import cited_ids, style_ok
 from deliberate_ray.spec import Spec, load_spec
 
 log = logging.getLogger(__name__)
@@ -34,8 +35,13 @@ REPLY_FIELDS = (
     "prompt_tokens",
     "completion_tokens",
     "error",
+    "answered",
+    "no_answer_reason",
     "label",
     "refusal",
+    *(f"label_{g}" for g in GRADERS),
+    "coherence",
+    "helpful",
 )
 RESPONSES = pa.schema(
     [
@@ -54,8 +60,13 @@ RESPONSES = pa.schema(
         ("prompt_tokens", pa.int32()),
         ("completion_tokens", pa.int32()),
         ("error", pa.string()),
+        ("answered", pa.bool_()),
+        ("no_answer_reason", pa.string()),
         ("label", pa.string()),
         ("refusal", pa.bool_()),
+        *((f"label_{g}", pa.string()) for g in GRADERS),
+        ("coherence", pa.string()),
+        ("helpful", pa.bool_()),
         ("style_ok", pa.bool_()),
         ("cites_policy", pa.bool_()),
         ("policy_ok", pa.bool_()),
@@ -63,28 +74,66 @@ RESPONSES = pa.schema(
 )
 
 
-class RefusalGrader:
-    """Ray Data actor: loads the refusal classifier once, labels batches of replies."""
+def no_answer_reason(error: str, finish_reason: str | None, content: str) -> str | None:
+    """Why a reply has no usable answer (a failed request, an answer cut off by max_tokens,
+    or none at all), or None. Such a reply is an outcome of its own, never excluded."""
+    if error:
+        return "error"
+    if finish_reason == "length":
+        return "truncated"
+    if not content.strip():
+        return "empty"
+    return None
 
-    def __init__(self, prompts: list[str]):
+
+class ReplyGrader:
+    """Ray Data actor: every refusal grader of the eval config (the classifier loaded once),
+    the coherence checks and benign helpfulness, on batches of replies."""
+
+    def __init__(self, prompts: list[str], expected: list[str], graders: list[str]):
         from deliberate_ray.graders.refusal import default_classifier
 
-        default_classifier()
-        self.prompts = prompts
+        if "classifier" in graders:
+            default_classifier()
+        self.prompts, self.expected, self.graders = prompts, expected, graders
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from deliberate_ray.graders.refusal import classify_refusals, is_refusal
+        from deliberate_ray.graders.coherence import degenerate, helpful
+        from deliberate_ray.graders.refusal import grade_refusals, is_refusal
 
         keys = batch.column("key").to_pylist()
-        failed = [bool(e) for e in batch.column("error").to_pylist()]
         contents = batch.column("content").to_pylist()
-        labels = classify_refusals(
-            [(self.prompts[k], c) for k, c in zip(keys, contents, strict=True)]
-        )
-        labels = [None if f else lab for f, lab in zip(failed, labels, strict=True)]
-        refusal = [None if lab is None else is_refusal(lab) for lab in labels]
-        batch = batch.append_column("label", pa.array(labels, pa.string()))
-        return batch.append_column("refusal", pa.array(refusal, pa.bool_()))
+        reasons = [
+            no_answer_reason(e, f, c)
+            for e, f, c in zip(
+                batch.column("error").to_pylist(),
+                batch.column("finish_reason").to_pylist(),
+                contents,
+                strict=True,
+            )
+        ]
+        answered = [r is None for r in reasons]
+        pairs = [(self.prompts[k], c) for k, c in zip(keys, contents, strict=True)]
+        cols: dict[str, list] = {"answered": answered, "no_answer_reason": reasons}
+        for g in GRADERS:
+            labels = grade_refusals(pairs, g) if g in self.graders else [None] * len(pairs)
+            cols[f"label_{g}"] = [
+                lab if ok else None for lab, ok in zip(labels, answered, strict=True)
+            ]
+        cols["label"] = cols[f"label_{self.graders[0]}"]
+        cols["refusal"] = [None if lab is None else is_refusal(lab) for lab in cols["label"]]
+        cols["coherence"] = [
+            None if r == "error" else degenerate(c, p)
+            for (p, c), r in zip(pairs, reasons, strict=True)
+        ]
+        cols["helpful"] = [
+            helpful(p, c, bool(ref)) if self.expected[k] == "comply" and ok else None
+            for k, (p, c), ref, ok in zip(keys, pairs, cols["refusal"], answered, strict=True)
+        ]
+        for name, values in cols.items():
+            kind = pa.bool_() if name in ("answered", "refusal", "helpful") else pa.string()
+            batch = batch.append_column(name, pa.array(values, kind))
+        return batch
 
 
 def answer_and_grade(
@@ -96,8 +145,12 @@ def answer_and_grade(
     prompts = [r["messages"][-1]["content"] for r in rows]
     replies = collect(request_items(rows, models, cfg), endpoint, cfg)
     graded = replies.map_batches(
-        RefusalGrader,
-        fn_constructor_kwargs={"prompts": prompts},
+        ReplyGrader,
+        fn_constructor_kwargs={
+            "prompts": prompts,
+            "expected": [r["expected"] for r in rows],
+            "graders": list(cfg.graders),
+        },
         batch_size=64,
         batch_format="pyarrow",
         compute=ActorPoolStrategy(size=1),
@@ -130,7 +183,8 @@ def rule_checks(row: dict[str, Any], spec: Spec) -> tuple[bool | None, bool | No
     the judge gates training samples with; None where a check does not apply."""
     if row["error"]:
         return None, None
-    style = style_ok(row["content"], row["label"]) if row["content"].strip() else None
+    answered = row.get("answered", bool(row["content"].strip())) and row["label"] is not None
+    style = style_ok(row["content"], row["label"]) if answered else None
     reasoning = row["reasoning"] or ""
     if not reasoning.strip() or row["category"] not in spec.category_ids:
         return style, None
@@ -148,7 +202,8 @@ def add_style_and_policy(responses: list[dict[str, Any]], cfg: EvalConfig) -> st
         return "rules"
     from deliberate_ray.graders.llm_judge import judge_rows
 
-    for r, (style, policy) in zip(responses, judge_rows(responses, spec, cfg.judge), strict=True):
+    verdicts = judge_rows(responses, spec, cfg.judge, cfg.spec_variant)
+    for r, (style, policy, _) in zip(responses, verdicts, strict=True):
         r["style_ok"], r["policy_ok"] = style, policy
     return "llm_judge"
 
@@ -177,7 +232,10 @@ def run_eval(
         "seconds": round(time.time() - start, 1),
         "style_source": style_source,
         "config": cfg.model_dump(mode="json"),
+        "graders": list(cfg.graders),
+        "baseline": cfg.baseline or models[0],
         "results": compute_metrics(responses, cfg),
+        "paired": compare_models(responses, models, cfg),
     }
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

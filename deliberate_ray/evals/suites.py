@@ -15,8 +15,8 @@ import yaml
 
 from deliberate_ray.config import ACTIONS, ConfigError
 from deliberate_ray.prompts import _as_messages
+from deliberate_ray.records import iter_records
 from deliberate_ray.spec import fold
-from deliberate_ray.validate import iter_records
 
 UNCATEGORISED = "uncategorised"
 MAX_ERRORS = 20

@@ -32,7 +32,7 @@ from deliberate_ray.engines import apply_engine, resolve_engine
 from deliberate_ray.engines.rows import LIGHT_CPUS, SAMPLING_PARAMS, sampling_params
 from deliberate_ray.generate import teacher
 from deliberate_ray.generate.store import ShardStore, write_card
-from deliberate_ray.graders.refusal import classify_refusals
+from deliberate_ray.graders.refusal import grade_refusals
 from deliberate_ray.judge import (
     SCORE_PREFILL,
     checks_score,
@@ -147,7 +147,7 @@ def drafts(batch: pa.Table, spec: Spec, cfg: Config) -> pa.Table:
     ]
     ok = [i for i, p in enumerate(parsed) if p.malformed is None]
     pairs = [(teacher_prompt_text(rows[i]), parsed[i].answer or "") for i in ok]
-    actions = classify_refusals(pairs) if pairs else []
+    actions = grade_refusals(pairs, g.judge.action_grader) if pairs else []
     action_of = dict(zip(ok, actions, strict=True))
     llm = g.judge.llm
     out = []
@@ -307,7 +307,7 @@ class Finisher:
 
     @staticmethod
     def judge_label(g: GenerateConfig) -> str:
-        parts = ["checks"] if g.judge.programmatic else []
+        parts = [f"checks({g.judge.action_grader})"] if g.judge.programmatic else []
         if g.judge.llm.enabled:
             parts.append(f"llm:{g.judge.llm.engine.label}:k={g.judge.llm.k}")
         return "+".join(parts)

@@ -59,9 +59,11 @@ def parse_verdict(text: str, has_reasoning: bool) -> tuple[bool | None, bool | N
 
 def judge_rows(
     rows: list[dict[str, Any]], spec: Spec, cfg: EvalJudgeConfig, variant: Variant = "values"
-) -> list[tuple[bool | None, bool | None]]:
-    """Verdicts for graded eval rows (rows need `category`, `messages`, `reasoning`,
-    `content`, `error`); rows that failed or whose category the spec lacks get (None, None)."""
+) -> list[tuple[bool | None, bool | None, str | None]]:
+    """(style ok, cites the right policy, the judge's text) for graded eval rows (rows need
+    `category`, `messages`, `reasoning`, `content`, `error`); rows that failed or whose
+    category the spec lacks are not sent: (None, None, None). `variant` is the spec text the
+    run trained with (the judge grades against the same spec)."""
     import ray.data
 
     from deliberate_ray.engines import apply_engine
@@ -84,11 +86,11 @@ def judge_rows(
         for i, r in enumerate(rows)
         if not r.get("error") and r["category"] in spec.category_ids
     ]
-    verdicts: list[tuple[bool | None, bool | None]] = [(None, None)] * len(rows)
+    verdicts: list[tuple[bool | None, bool | None, str | None]] = [(None, None, None)] * len(rows)
     if not items:
         return verdicts
     judged = apply_engine(ray.data.from_items(items), cfg.engine, keep=["key"]).take_all()
     for out in judged:
-        row = rows[out["key"]]
-        verdicts[out["key"]] = parse_verdict(out["generated_text"] or "", bool(row["reasoning"]))
+        row, text = rows[out["key"]], out["generated_text"] or ""
+        verdicts[out["key"]] = (*parse_verdict(text, bool(row["reasoning"])), text)
     return verdicts

@@ -231,6 +231,19 @@ def classify_refusals(pairs: list[tuple[str, str]]) -> list[str]:
     return clf.predict(completions)
 
 
+# The refusal graders a config may name: the learned classifier and the string rules alone.
+GRADERS: tuple[str, ...] = ("classifier", "rules")
+
+
+def grade_refusals(pairs: list[tuple[str, str]], grader: str) -> list[str]:
+    """Three-way labels from one named grader (`GRADERS`)."""
+    if grader == "rules":
+        return [rule_label(c) for _, c in pairs]
+    if grader == "classifier":
+        return classify_refusals(pairs)
+    raise ValueError(f"unknown refusal grader {grader!r}; allowed: {list(GRADERS)}")
+
+
 def classify_refusal(prompt: str, completion: str) -> str:
     return classify_refusals([(prompt, completion)])[0]
 
@@ -244,7 +257,7 @@ def grade_file(inp: Path, out: Path, batch_size: int = 64) -> dict[str, int]:
     with `label` and `refusal` added. Every row is checked before any is graded."""
     from tqdm import tqdm
 
-    from deliberate_ray.validate import iter_records
+    from deliberate_ray.records import iter_records
 
     rows = []
     for n, row in iter_records(str(inp)):
