@@ -17,9 +17,9 @@ from deliberate_ray.engines.http import headers, payload, processor_config, resp
 from deliberate_ray.engines.rows import to_py
 from deliberate_ray.serve.protocol import THINK_CLOSE, THINK_OPEN, split_reasoning
 
-# HTTP stages wait on the network: several share one core, and they must leave CPUs free
-# for a Serve replica on the same (small) cluster.
-IO_CPUS = 0.1
+# HTTP stages wait on the network: many share one core, and they must leave CPUs free
+# for the Serve replicas on the same (small) cluster.
+IO_CPUS = 0.05
 
 
 class EndpointError(RuntimeError):
