@@ -338,6 +338,28 @@ class EvalConfig(StrictModel):
     # The model every other one is compared with (paired differences); default: the first.
     baseline: str | None = None
 
+    def sampling(self) -> SamplingConfig:
+        """The eval's sampling, as the engine row contract takes it."""
+        return SamplingConfig(
+            max_tokens=self.max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            seed=self.seed,
+        )
+
+    def endpoint_engine(self, base_url: str, model: str) -> EngineConfig:
+        """The http engine that asks an OpenAI-compatible endpoint (rows name their model)."""
+        return EngineConfig(
+            kind="http",
+            model=model,
+            base_url=base_url,
+            api_key_env=self.api_key_env,
+            max_retries=self.max_retries,
+            batch_size=self.batch_size,
+            concurrency=self.concurrency,
+            timeout_s=self.timeout_s,
+        )
+
     @field_validator("graders")
     @classmethod
     def _two_graders(cls, v: list[str]) -> list[str]:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from deliberate_ray.config import ConfigError, EvalConfig
-from deliberate_ray.evals.collect import reply_parts
+from deliberate_ray.engines.http import reply_parts
 from deliberate_ray.evals.metrics import bootstrap_ci, compare_models, compute_metrics, worst_case
 from deliberate_ray.evals.report import write_chart, write_report
 from deliberate_ray.evals.suites import load_suite

@@ -11,7 +11,7 @@ import pytest
 from vllm_support import VLLM_MARKS
 
 from deliberate_ray.config import ServeConfig
-from deliberate_ray.evals.collect import reply_parts
+from deliberate_ray.engines.http import reply_parts
 from deliberate_ray.models import resolve_model
 
 pytestmark = VLLM_MARKS

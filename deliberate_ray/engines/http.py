@@ -20,6 +20,10 @@ import pyarrow as pa
 
 from deliberate_ray.config import EngineConfig
 from deliberate_ray.engines.rows import SKIPPED, error_output, finish_reason, to_py, with_outputs
+from deliberate_ray.serve.protocol import THINK_CLOSE, THINK_OPEN, split_reasoning
+
+# Logical CPUs of each HTTP stage (they wait on the network).
+IO_CPUS = 0.05
 
 
 def chat_url(base_url: str) -> str:
@@ -75,11 +79,12 @@ class NullDroppingSession:
 
 
 def payload(row: dict[str, Any], cfg: EngineConfig) -> dict[str, Any]:
-    """The chat-completions request body of one row (skipped rows ask for one token)."""
+    """The chat-completions request body of one row (skipped rows ask for one token); a
+    row's own `model` picks one of the endpoint's models, else the config's."""
     messages = to_py(row["messages"])
     sp = to_py(row["sampling_params"])
     body: dict[str, Any] = {
-        "model": cfg.model,
+        "model": row.get("model") or cfg.model,
         "messages": messages,
         "max_tokens": max(sp["max_tokens"], 1),
         "temperature": sp["temperature"],
@@ -98,12 +103,25 @@ def _preprocess(row: dict[str, Any], cfg: EngineConfig) -> dict[str, Any]:
     return row | {"payload": payload(row, cfg)}
 
 
+def reply_parts(message: dict[str, Any], content: str) -> tuple[str | None, str]:
+    """(reasoning or None, answer) of a reply. The CoT is in `reasoning` (vLLM >= 0.10) or
+    `reasoning_content` (older vLLM, our transformers app); a `<think>` block still in the
+    content is split here: a server without a reasoning parser, or a CoT cut off before
+    `</think>` (vLLM's olmo3 parser then returns all of it as content)."""
+    reasoning = message.get("reasoning") or message.get("reasoning_content")
+    if not reasoning and (THINK_OPEN in content or THINK_CLOSE in content):
+        return split_reasoning(content)
+    return reasoning or None, content
+
+
 def response_output(response: Any, max_tokens: int) -> dict[str, Any]:
-    """An OpenAI chat-completions response (or an error body) -> engine outputs."""
+    """An OpenAI chat-completions response (or an error body) -> engine outputs, with the
+    reasoning the server returned apart from the answer in `reasoning_text`."""
     response = to_py(response)
     try:
         choice = response["choices"][0]
-        text = choice["message"]["content"] or ""
+        message = choice["message"]
+        reasoning, text = reply_parts(message, message["content"] or "")
         usage = response.get("usage") or {}
         generated = int(usage.get("completion_tokens") or 0)
         reason = choice.get("finish_reason") or finish_reason(generated, max_tokens)
@@ -115,6 +133,7 @@ def response_output(response: Any, max_tokens: int) -> dict[str, Any]:
         "num_generated_tokens": generated,
         "finish_reason": "length" if reason == "length" else "stop",
         "engine_error": None,
+        "reasoning_text": reasoning,
     }
 
 
@@ -131,9 +150,18 @@ def _outputs(batch: pa.Table, keep: list[str]) -> pa.Table:
 
 
 def apply_http(ds: Any, cfg: EngineConfig, keep: list[str]) -> Any:
+    """Each stage waits on the network, so each asks for a sliver of a CPU: many share one
+    core and leave the CPUs to a Serve replica on the same small cluster."""
     from ray.data.llm import build_processor
 
+    config = processor_config(cfg).model_copy(update={"http_request_stage": {"num_cpus": IO_CPUS}})
+    light = {"num_cpus": IO_CPUS}
     processor = build_processor(
-        processor_config(cfg), preprocess=functools.partial(_preprocess, cfg=cfg)
+        config,
+        preprocess=functools.partial(_preprocess, cfg=cfg),
+        preprocess_map_kwargs=light,
+        postprocess_map_kwargs=light,
     )
-    return processor(ds).map_batches(_outputs, fn_kwargs={"keep": keep}, batch_format="pyarrow")
+    return processor(ds).map_batches(
+        _outputs, fn_kwargs={"keep": keep}, batch_format="pyarrow", **light
+    )

@@ -3,7 +3,10 @@
 In: `messages` (OpenAI chat format; a trailing assistant message is a prefill that the model
 continues) and `sampling_params` (`max_tokens`, `temperature`, `top_p`, `stop`, `seed`).
 `max_tokens == 0` asks for no generation: the row passes through as `skipped` (engines that
-cannot skip send a 1-token request and blank it). Out: the kept columns plus OUTPUT_FIELDS.
+cannot skip send a 1-token request and blank it). An optional `model` column (http engine)
+names the served model per row. Out: the kept columns plus OUTPUT_FIELDS; `reasoning_text`
+is the reasoning a server returned apart from the answer (`reasoning` or
+`reasoning_content`), null where the engine returns all text in `generated_text`.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ OUTPUT_FIELDS = [
     pa.field("num_generated_tokens", pa.int32()),
     pa.field("finish_reason", pa.string()),  # stop | length | skipped | error
     pa.field("engine_error", pa.string()),
+    pa.field("reasoning_text", pa.string()),
 ]
 OUTPUT_NAMES = [f.name for f in OUTPUT_FIELDS]
 SKIPPED: dict[str, Any] = {
@@ -42,6 +46,7 @@ SKIPPED: dict[str, Any] = {
     "num_generated_tokens": 0,
     "finish_reason": "skipped",
     "engine_error": None,
+    "reasoning_text": None,
 }
 
 
@@ -79,7 +84,7 @@ def with_outputs(batch: pa.Table, keep: list[str], outputs: list[dict[str, Any]]
     """The kept input columns plus the engine outputs, typed as the contract says."""
     cols = {name: batch.column(name) for name in keep}
     for f in OUTPUT_FIELDS:
-        cols[f.name] = pa.array([o[f.name] for o in outputs], type=f.type)
+        cols[f.name] = pa.array([o.get(f.name) for o in outputs], type=f.type)
     return pa.table(cols)
 
 
