@@ -20,6 +20,9 @@ class StubServer:
         self.api_key = api_key
         self.delay_s = 0.0  # per request: a slow endpoint, so a test can kill a run midway
         self.requests: list[dict[str, Any]] = []
+        self.in_flight = 0  # requests being answered now, and the most at once
+        self.max_in_flight = 0
+        self._lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
@@ -46,7 +49,12 @@ class StubServer:
                     return self._send(404, {"error": {"message": f"no route {self.path}"}})
                 if stub.api_key and self.headers.get("Authorization") != f"Bearer {stub.api_key}":
                     return self._send(401, {"error": {"message": "bad api key"}})
+                with stub._lock:
+                    stub.in_flight += 1
+                    stub.max_in_flight = max(stub.max_in_flight, stub.in_flight)
                 time.sleep(stub.delay_s)
+                with stub._lock:
+                    stub.in_flight -= 1
                 text = stub.reply(body)[: 4 * body["max_tokens"]]  # ~4 chars per token
                 tokens = max(1, len(text) // 4)
                 finish = "length" if tokens >= body["max_tokens"] else "stop"

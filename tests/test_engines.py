@@ -133,6 +133,29 @@ def test_http_engine_against_a_local_server(ray_session, monkeypatch):
     assert {r["_auth"] for r in server.requests} == {"Bearer sk-test"}
 
 
+@pytest.mark.ray
+def test_http_engine_sends_a_batch_at_once(ray_session):
+    """The rows of one batch are in flight together (Ray's HTTP stage would otherwise send
+    them one after another), and each row may name its own model."""
+    with StubServer(echo) as server:
+        server.delay_s = 0.5
+        cfg = EngineConfig(
+            kind="http", model="stub", base_url=server.base_url, batch_size=6, concurrency=1
+        )
+        params = sampling_params(SamplingConfig(max_tokens=8, temperature=0.0))
+        rows = [
+            {"id": str(i), "model": f"m{i % 2}", "sampling_params": params,
+             "messages": [{"role": "user", "content": f"q{i}"}]}
+            for i in range(6)
+        ]  # fmt: skip
+        out = apply_engine(ray_session.data.from_items(rows), cfg, keep=["id"]).take_all()
+    assert sorted(r["generated_text"] for r in out) == [f"echo: q{i}" for i in range(6)]
+    assert server.max_in_flight >= 4, server.max_in_flight
+    assert {r["messages"][-1]["content"]: r["model"] for r in server.requests} == {
+        f"q{i}": f"m{i % 2}" for i in range(6)
+    }
+
+
 def test_http_key_must_be_in_the_environment(monkeypatch):
     from deliberate_ray.engines.http import processor_config
 

@@ -59,7 +59,13 @@ def processor_config(cfg: EngineConfig) -> Any:
 
 
 class NullDroppingSession:
-    """An aiohttp session whose `post` drops top-level null fields from the JSON body."""
+    """An aiohttp session whose `post` drops top-level null fields from the JSON body and
+    starts the request at once.
+
+    Ray's HTTP stage creates every request of a batch, then awaits them one after another;
+    a plain aiohttp `post` only starts when awaited, so a batch would go out one request at
+    a time and the server could never batch them. Here `post` returns a running task, so a
+    batch of n rows is n requests in flight together (retries call `post` again)."""
 
     def __init__(self, timeout_s: float):
         import aiohttp
@@ -74,8 +80,30 @@ class NullDroppingSession:
         await self.session.__aexit__(*exc)
 
     def post(self, url: str, *, data: str, **kwargs: Any) -> Any:
+        import asyncio
+
         body = {k: v for k, v in json.loads(data).items() if v is not None}
-        return self.session.post(url, data=json.dumps(body), **kwargs)
+        return asyncio.ensure_future(self._send(url, json.dumps(body), kwargs))
+
+    async def _send(self, url: str, data: str, kwargs: dict[str, Any]) -> ReadResponse:
+        async with self.session.post(url, data=data, **kwargs) as response:
+            return ReadResponse(response.status, response.reason, await response.read())
+
+
+class ReadResponse:
+    """A response already read, usable as `async with (await task) as response`."""
+
+    def __init__(self, status: int, reason: str | None, body: bytes):
+        self.status, self.reason, self.body = status, reason, body
+
+    async def __aenter__(self) -> ReadResponse:
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        return None
+
+    async def json(self) -> Any:
+        return json.loads(self.body)
 
 
 def payload(row: dict[str, Any], cfg: EngineConfig) -> dict[str, Any]:
