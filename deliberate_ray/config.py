@@ -322,6 +322,8 @@ class EvalConfig(StrictModel):
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int = 0
+    # HTTP actors x rows per batch = requests in flight at the endpoint (a batch's requests
+    # go out together), which the server can batch.
     concurrency: int = Field(default=4, ge=1)
     batch_size: int = Field(default=4, ge=1)
     max_retries: int = Field(default=3, ge=0)
