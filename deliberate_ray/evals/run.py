@@ -88,14 +88,24 @@ def no_answer_reason(error: str, finish_reason: str | None, content: str) -> str
 
 class ReplyGrader:
     """Ray Data actor: every refusal grader of the eval config (the classifier loaded once),
-    the coherence checks and benign helpfulness, on batches of replies."""
+    the coherence checks, benign helpfulness and the style / policy-citation rule checks, on
+    batches of replies (only the optional LLM judge runs after the replies are collected)."""
 
-    def __init__(self, prompts: list[str], expected: list[str], graders: list[str]):
+    def __init__(
+        self,
+        prompts: list[str],
+        expected: list[str],
+        categories: list[str],
+        graders: list[str],
+        spec_path: str,
+    ):
         from deliberate_ray.graders.refusal import default_classifier
 
         if "classifier" in graders:
             default_classifier()
         self.prompts, self.expected, self.graders = prompts, expected, graders
+        self.categories = categories
+        self.spec = load_spec(spec_path)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from deliberate_ray.graders.coherence import degenerate, helpful
@@ -130,9 +140,35 @@ class ReplyGrader:
             helpful(p, c, bool(ref)) if self.expected[k] == "comply" and ok else None
             for k, (p, c), ref, ok in zip(keys, pairs, cols["refusal"], answered, strict=True)
         ]
+        checks = [
+            rule_checks(
+                {
+                    "error": e,
+                    "answered": ok,
+                    "content": c,
+                    "label": lab,
+                    "reasoning": r,
+                    "category": self.categories[k],
+                },
+                self.spec,
+            )
+            for k, e, ok, c, lab, r in zip(
+                keys,
+                batch.column("error").to_pylist(),
+                answered,
+                contents,
+                cols["label"],
+                batch.column("reasoning").to_pylist(),
+                strict=True,
+            )
+        ]
+        cols["style_ok"] = [style for style, _ in checks]
+        cols["cites_policy"] = [cites for _, cites in checks]
         for name, values in cols.items():
-            kind = pa.bool_() if name in ("answered", "refusal", "helpful") else pa.string()
-            batch = batch.append_column(name, pa.array(values, kind))
+            strings = name.startswith("label") or name in ("no_answer_reason", "coherence")
+            batch = batch.append_column(
+                name, pa.array(values, pa.string() if strings else pa.bool_())
+            )
         return batch
 
 
@@ -149,7 +185,9 @@ def answer_and_grade(
         fn_constructor_kwargs={
             "prompts": prompts,
             "expected": [r["expected"] for r in rows],
+            "categories": [r["category"] for r in rows],
             "graders": list(cfg.graders),
+            "spec_path": cfg.spec,
         },
         batch_size=64,
         batch_format="pyarrow",
@@ -172,7 +210,7 @@ def answer_and_grade(
                 "prompt": prompts[g["key"]],
                 "messages": row["messages"],
             }
-            | {k: g[k] for k in REPLY_FIELDS}
+            | {k: g[k] for k in (*REPLY_FIELDS, "style_ok", "cites_policy")}
             | {"reasoning": g["reasoning"] or None, "error": g["error"] or None}
         )
     return out
@@ -193,13 +231,13 @@ def rule_checks(row: dict[str, Any], spec: Spec) -> tuple[bool | None, bool | No
 
 
 def add_style_and_policy(responses: list[dict[str, Any]], cfg: EvalConfig) -> str:
-    """Fill style_ok, cites_policy and policy_ok; returns where style came from."""
-    spec = load_spec(cfg.spec)
+    """Fill policy_ok, and style_ok from the LLM judge when one is configured (the grader
+    stage filled the rule checks); returns where style came from."""
     for r in responses:
-        r["style_ok"], r["cites_policy"] = rule_checks(r, spec)
         r["policy_ok"] = None
     if cfg.judge is None:
         return "rules"
+    spec = load_spec(cfg.spec)
     from deliberate_ray.graders.llm_judge import judge_rows
 
     verdicts = judge_rows(responses, spec, cfg.judge, cfg.spec_variant)
