@@ -12,12 +12,6 @@ import re
 from typing import Any
 
 from deliberate_ray.config import LLMJudgeConfig
-from deliberate_ray.graders.rules import (  # noqa: F401  (the judge's checks, re-exported)
-    ACTION_LABELS,
-    cited_ids,
-    run_checks,
-    style_ok,
-)
 from deliberate_ray.spec import Spec, Variant
 
 # Checks that reject a sample when programmatic judging is on, in reporting order.

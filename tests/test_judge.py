@@ -5,15 +5,13 @@ from __future__ import annotations
 import pytest
 
 from deliberate_ray.config import JudgeConfig, LLMJudgeConfig
+from deliberate_ray.graders.rules import cited_ids, run_checks, style_ok
 from deliberate_ray.judge import (
     checks_score,
-    cited_ids,
     failed_gate,
     judge_messages,
     parse_judgement,
-    run_checks,
     select_best,
-    style_ok,
 )
 
 REFUSAL = "I can't help with hurting someone."

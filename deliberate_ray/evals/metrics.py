@@ -306,30 +306,39 @@ def compare_models(
     by: dict[tuple[str, str], dict[str, dict[str, Any]]] = defaultdict(dict)
     for row in rows:
         by[(row["suite"], row["model"])][row["id"]] = row
-    suites = sorted({s for s, _ in by})
+    # Each model's outcomes and worst-case scores once, whatever it is paired with.
+    scored = {key: {i: outcomes(r) for i, r in group.items()} for key, group in by.items()}
+    worst = {
+        key: goodness_by_prompt(list(group.values()), cfg.worst_fraction)
+        for key, group in by.items()
+    }
+    name = f"goodness@{cfg.worst_fraction:g}"
     out: dict[str, list[dict[str, Any]]] = {}
-    for suite in suites:
+    for suite in sorted({s for s, _ in by}):
         entries = []
         for a, b in model_pairs(models, cfg.baseline):
-            ra, rb = by.get((suite, a), {}), by.get((suite, b), {})
-            ids = sorted(set(ra) & set(rb))
+            ra, oa, ob = (
+                by.get((suite, a), {}),
+                scored.get((suite, a), {}),
+                scored.get((suite, b), {}),
+            )
+            ids = sorted(set(oa) & set(ob))
             for metric in PAIRED_METRICS:
-                xs, ys, cl = [], [], []
-                for i in ids:
-                    oa, ob = outcomes(ra[i]).get(metric), outcomes(rb[i]).get(metric)
-                    if oa is not None and ob is not None:
-                        xs.append(oa)
-                        ys.append(ob)
-                        cl.append(cluster_of(ra[i]))
-                if xs:
+                pairs = [(i, oa[i].get(metric), ob[i].get(metric)) for i in ids]
+                pairs = [(i, x, y) for i, x, y in pairs if x is not None and y is not None]
+                if pairs:
                     entries.append(
-                        {"a": a, "b": b, "metric": metric} | paired_difference(xs, ys, cl, cfg)
+                        {"a": a, "b": b, "metric": metric}
+                        | paired_difference(
+                            [x for _, x, _ in pairs],
+                            [y for _, _, y in pairs],
+                            [cluster_of(ra[i]) for i, _, _ in pairs],
+                            cfg,
+                        )
                     )
-            jail_a = goodness_by_prompt(list(ra.values()), cfg.worst_fraction)
-            jail_b = goodness_by_prompt(list(rb.values()), cfg.worst_fraction)
+            jail_a, jail_b = worst.get((suite, a), {}), worst.get((suite, b), {})
             common = sorted(set(jail_a) & set(jail_b))
             if common:
-                name = f"goodness@{cfg.worst_fraction:g}"
                 entries.append(
                     {"a": a, "b": b, "metric": name}
                     | paired_difference(

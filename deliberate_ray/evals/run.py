@@ -42,6 +42,8 @@ REPLY_FIELDS = (
     *(f"label_{g}" for g in GRADERS),
     "coherence",
     "helpful",
+    "style_ok",
+    "cites_policy",
 )
 RESPONSES = pa.schema(
     [
@@ -113,13 +115,11 @@ class ReplyGrader:
 
         keys = batch.column("key").to_pylist()
         contents = batch.column("content").to_pylist()
+        errors = batch.column("error").to_pylist()
         reasons = [
             no_answer_reason(e, f, c)
             for e, f, c in zip(
-                batch.column("error").to_pylist(),
-                batch.column("finish_reason").to_pylist(),
-                contents,
-                strict=True,
+                errors, batch.column("finish_reason").to_pylist(), contents, strict=True
             )
         ]
         answered = [r is None for r in reasons]
@@ -154,7 +154,7 @@ class ReplyGrader:
             )
             for k, e, ok, c, lab, r in zip(
                 keys,
-                batch.column("error").to_pylist(),
+                errors,
                 answered,
                 contents,
                 cols["label"],
@@ -165,10 +165,7 @@ class ReplyGrader:
         cols["style_ok"] = [style for style, _ in checks]
         cols["cites_policy"] = [cites for _, cites in checks]
         for name, values in cols.items():
-            strings = name.startswith("label") or name in ("no_answer_reason", "coherence")
-            batch = batch.append_column(
-                name, pa.array(values, pa.string() if strings else pa.bool_())
-            )
+            batch = batch.append_column(name, pa.array(values, RESPONSES.field(name).type))
         return batch
 
 
@@ -210,7 +207,7 @@ def answer_and_grade(
                 "prompt": prompts[g["key"]],
                 "messages": row["messages"],
             }
-            | {k: g[k] for k in (*REPLY_FIELDS, "style_ok", "cites_policy")}
+            | {k: g[k] for k in REPLY_FIELDS}
             | {"reasoning": g["reasoning"] or None, "error": g["error"] or None}
         )
     return out

@@ -33,13 +33,13 @@ from deliberate_ray.engines.rows import LIGHT_CPUS, SAMPLING_PARAMS, sampling_pa
 from deliberate_ray.generate import teacher
 from deliberate_ray.generate.store import ShardStore, write_card
 from deliberate_ray.graders.refusal import grade_refusals
+from deliberate_ray.graders.rules import run_checks
 from deliberate_ray.judge import (
     SCORE_PREFILL,
     checks_score,
     failed_gate,
     judge_messages,
     parse_judgement,
-    run_checks,
     select_best,
 )
 from deliberate_ray.prompts import load_prompts

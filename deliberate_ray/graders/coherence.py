@@ -74,8 +74,9 @@ def degenerate(text: str, prompt: str = "") -> str | None:
     if sum(1 for c in text if c.isalnum()) < 2:
         return "empty"
     words = text.split()
-    grams = Counter(tuple(w.lower() for w in words[i : i + NGRAM]) for i in range(len(words)))
-    if any(n >= NGRAM_REPEATS for g, n in grams.items() if len(g) == NGRAM):
+    lower = [w.lower() for w in words]
+    grams = Counter(tuple(lower[i : i + NGRAM]) for i in range(len(lower) - NGRAM + 1))
+    if any(n >= NGRAM_REPEATS for n in grams.values()):
         return "repetition"
     lines = Counter(ln.strip() for ln in text.splitlines() if len(ln.strip()) >= 8)
     if any(n >= LINE_REPEATS for n in lines.values()):
@@ -109,8 +110,8 @@ def on_topic(prompt: str, reply: str) -> bool:
     if not asked:
         return True
     said = content_words(reply)
-    stems = {w[:5] for w in said}
-    return bool(asked & said) or any(w[:5] in stems for w in asked)
+    stems = {w[:5] for w in said}  # "repot" matches "repotting"
+    return any(w[:5] in stems for w in asked)
 
 
 def helpful(prompt: str, reply: str, refused: bool) -> bool:
