@@ -129,10 +129,6 @@ def short(r: dict[str, Any] | None) -> str:
     return f"{r['value']:.2f} [{r['ci_low']:.2f},{r['ci_high']:.2f}] {r['n']}"
 
 
-def ev_grader(ev: dict[str, Any]) -> str:
-    return (ev.get("graders") or ["?"])[0]
-
-
 def warn_if_same_grader(cfg: Config) -> None:
     """The grader that selects training data should not be the one that scores the result."""
     if cfg.generate is None or cfg.eval is None:
@@ -148,7 +144,7 @@ def warn_if_same_grader(cfg: Config) -> None:
 
 def summary_table(summary: dict[str, Any]) -> str:
     """What the demo prints at the end: data kept/dropped, final losses, base vs arms."""
-    from deliberate_ray.report import dropped_by_reason
+    from deliberate_ray.report import HEADLINE, dropped_by_reason, headline_grader
 
     total = summary["generate"]["stats"]["total"]
     lines = [
@@ -163,10 +159,12 @@ def summary_table(summary: dict[str, Any]) -> str:
         loss = t.get("final_loss")
         lines.append(f"final train loss [{arm}]: {'-' if loss is None else f'{loss:.4f}'}")
     ev = summary["eval"]
-    shown = ("not_unsafe", "not_overrefuse", "helpful", "coherent", "no_answer")
     for suite in ev["suites"]:
-        lines.append(f"{suite} (rate [95% CI] n; no answer = failure; refusal by {ev_grader(ev)}):")
-        lines.append(f"  {'model':<10} " + " ".join(f"{m:<22}" for m in shown) + " graders agree")
+        grader = headline_grader(ev)
+        lines.append(f"{suite} (rate [95% CI] n; no answer = failure; refusal by {grader}):")
+        lines.append(
+            f"  {'model':<10} " + " ".join(f"{m:<22}" for m in HEADLINE) + " graders agree"
+        )
         for model in ev["models"]:
             entry = ev["results"].get(model, {}).get(suite, {})
             overall = entry.get("overall", {})
@@ -174,13 +172,13 @@ def summary_table(summary: dict[str, Any]) -> str:
             binary = agree[0].get("binary")
             lines.append(
                 f"  {model:<10} "
-                + " ".join(f"{short(overall.get(m)):<22}" for m in shown)
+                + " ".join(f"{short(overall.get(m)):<22}" for m in HEADLINE)
                 + (f" {binary:.2f}" if binary is not None else " -")
             )
         paired = [
             d
             for d in (ev.get("paired") or {}).get(suite, [])
-            if d["b"] == ev.get("baseline") and d["metric"] in shown
+            if d["b"] == ev.get("baseline") and d["metric"] in HEADLINE
         ]
         for d in paired:
             lines.append(

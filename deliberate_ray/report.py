@@ -14,6 +14,11 @@ from deliberate_ray.spec import load_spec
 HEADLINE = ("not_unsafe", "not_overrefuse", "helpful", "coherent", "no_answer")
 
 
+def headline_grader(ev: dict[str, Any]) -> str:
+    """The refusal grader behind an eval's headline rates (the first configured)."""
+    return (ev.get("graders") or ["?"])[0]
+
+
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     p = Path(path)
     if not p.exists():
@@ -135,7 +140,7 @@ def write_report(cfg: Config, summary: dict[str, Any]) -> Path:
         "",
         "Rates with bootstrap 95% intervals and n; `base` is the untrained student. A reply "
         "with no answer (failed, empty or cut off) is a failure in every rate, and `no_answer` "
-        f"counts them. Refusal read by the `{(ev.get('graders') or ['?'])[0]}` grader; "
+        f"counts them. Refusal read by the `{headline_grader(ev)}` grader; "
         "`graders agree` is the binary agreement of the refusal graders on the same replies.",
         "",
     ]

@@ -317,3 +317,10 @@ def test_graders_side_by_side_and_their_agreement():
     # kappa by hand: observed 0.9; classifier refuses 0.8, rules 0.7 -> chance 0.62
     assert math.isclose(agree["kappa"], (0.9 - 0.62) / (1 - 0.62))
     assert cohen_kappa([True, False], [True, False]) == 1.0
+
+
+def test_baseline_must_be_an_evaluated_model(tmp_path):
+    from deliberate_ray.evals import run_eval
+
+    with pytest.raises(ValueError, match=r"eval.baseline: bad value 'gone'.*\['a', 'b'\]"):
+        run_eval([], "http://127.0.0.1:9", ["a", "b"], tmp_path, EvalConfig(baseline="gone"))

@@ -252,6 +252,11 @@ def run_eval(
 
     if not models:
         raise ValueError("give at least one model to evaluate")
+    if cfg.baseline is not None and cfg.baseline not in models:
+        raise ValueError(
+            f"eval.baseline: bad value {cfg.baseline!r} -> must be one of the evaluated "
+            f"models {models}"
+        )
     rows = [r for s in suites for r in load_suite(s, cfg.limit)]
     check_endpoint(endpoint, models, cfg)
     if not ray.is_initialized():
