@@ -5,12 +5,16 @@ data/graders/README.md), plus its rules on edge cases."""
 from __future__ import annotations
 
 import json
+import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from deliberate_ray.graders.coherence import degenerate, helpful, on_topic
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from coherence_grader import scores  # noqa: E402  (the bench's own measure, pinned here)
 
 LABELS = Path(__file__).resolve().parents[1] / "data" / "graders" / "coherence_labels.jsonl"
 
@@ -19,21 +23,11 @@ def labelled() -> list[dict]:
     return [json.loads(x) for x in LABELS.read_text(encoding="utf-8").splitlines() if x.strip()]
 
 
-def scores(rows: list[dict]) -> tuple[float, float, float]:
-    """(agreement, share of degenerate replies caught, share of coherent ones flagged)."""
-    predicted = [degenerate(r["reply"], r["prompt"]) is not None for r in rows]
-    truth = [r["label"] == "degenerate" for r in rows]
-    pairs = list(zip(predicted, truth, strict=True))
-    agree = sum(p == t for p, t in pairs) / len(rows)
-    caught = sum(p and t for p, t in pairs) / sum(truth)
-    false_alarm = sum(p and not t for p, t in pairs) / (len(truth) - sum(truth))
-    return agree, caught, false_alarm
-
-
 @pytest.mark.parametrize(
     ("split", "min_agree", "min_caught", "max_false_alarm"),
-    # Measured (data/graders/README.md): dev 0.936 / 0.861 / 0.021, held-out 0.915 / 0.808 /
-    # 0.013. The held-out rows were labelled after the rules were fixed and never tuned on.
+    # Measured with bench/coherence_grader.py (data/graders/README.md): dev 0.936 / 0.861 /
+    # 0.021, held-out 0.915 / 0.808 / 0.013. The held-out rows were labelled after the rules
+    # were fixed and never tuned on.
     [("dev", 0.92, 0.85, 0.03), ("heldout", 0.9, 0.78, 0.03)],
 )
 def test_agrees_with_hand_labels_on_real_replies(split, min_agree, min_caught, max_false_alarm):
@@ -41,7 +35,12 @@ def test_agrees_with_hand_labels_on_real_replies(split, min_agree, min_caught, m
     assert len(rows) >= 100 and all(r["source"] for r in rows)
     counts = Counter(r["label"] for r in rows)
     assert counts["degenerate"] >= 40 and counts["coherent"] >= 70  # both kinds are there
-    agree, caught, false_alarm = scores(rows)
+    got = scores(rows)
+    agree, caught, false_alarm = (
+        got["agreement"],
+        got["degenerate_caught"],
+        got["coherent_flagged"],
+    )
     assert agree >= min_agree, agree
     assert caught >= min_caught, caught
     assert false_alarm <= max_false_alarm, false_alarm
