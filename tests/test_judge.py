@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from deliberate_ray.config import JudgeConfig, LLMJudgeConfig
 from deliberate_ray.graders.rules import cited_ids, run_checks, style_ok
 from deliberate_ray.judge import (
     checks_score,
+    expected_score,
     failed_gate,
     judge_messages,
     parse_judgement,
@@ -196,3 +199,49 @@ def test_select_best_none_above_threshold():
     samples = [sample(0, 5.0), sample(1, None, "judge_unparseable")]
     assert select_best(samples, threshold=6.0) is None
     assert [s["reject_reason"] for s in samples] == ["below_threshold", "judge_unparseable"]
+
+
+def lp(**probs):
+    return [{"token": t, "logprob": math.log(p)} for t, p in probs.items()]
+
+
+def test_expected_score_reads_the_digit_probabilities():
+    # The space first (no digit among its likely tokens), then the digit position.
+    space = lp(**{" ": 0.9, "\n": 0.05})
+    digits = [
+        {"token": "9", "logprob": math.log(0.5)},
+        {"token": "1", "logprob": math.log(0.3)},
+        {"token": "x", "logprob": math.log(0.2)},
+    ]
+    score, how = expected_score([space, digits])
+    assert score == pytest.approx((9 * 0.5 + 1 * 0.3) / 0.8 * 10 / 9, abs=1e-3)
+    assert "most likely 9" in how
+    # The greedy token is a word, not a digit: the judge did not answer with a score.
+    word = [{"token": "great", "logprob": math.log(0.7)}, {"token": "8", "logprob": math.log(0.2)}]
+    assert expected_score([word]) == (None, "no score: writes 'great', P(digit) = 0.20")
+    # A digit at low probability beside the space does not count: the number follows it.
+    assert expected_score([space + lp(**{"3": 0.01}), digits])[0] == score
+    assert expected_score(None) == (None, "no score: no token after the whitespace")
+    assert expected_score([lp(**{" 9": 1.0})])[0] == pytest.approx(10.0)
+
+
+def test_logprobs_judge_rotates_examples_and_asks_for_a_digit(spec):
+    cfg = LLMJudgeConfig(scoring="logprobs")
+    s = {
+        "category": "violence",
+        "prompt_messages": [{"role": "user", "content": "Hi"}],
+        "cot": "VIO-1 allows it.",
+        "answer": "Sure.",
+        "ideal_action": "comply",
+    }
+    runs = [judge_messages(spec, "values", s, cfg, run=j) for j in range(3)]
+    assert "one digit from 0" in runs[0][0]["content"]
+    shown = [[m["content"] for m in r[1:-2]] for r in runs]
+    assert shown[0] != shown[1] != shown[2] and sorted(shown[0]) == sorted(shown[1])
+    assert runs[0][-1] == {"role": "assistant", "content": "Score:"}
+    sampled = LLMJudgeConfig()
+    assert judge_messages(spec, "values", s, sampled, run=1) == judge_messages(
+        spec, "values", s, sampled
+    )
+    with pytest.raises(ValueError, match="prefill"):
+        LLMJudgeConfig(scoring="logprobs", prefill=False)

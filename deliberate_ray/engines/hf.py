@@ -9,6 +9,7 @@ template, spec overview) only once, and finished rows leave the batch.
 
 from __future__ import annotations
 
+import functools
 import logging
 import secrets
 from dataclasses import asdict, dataclass, field
@@ -39,6 +40,8 @@ class GenRequest:
     # Text appended after the generation prompt (assistant-turn prefill); generated_text
     # excludes it: callers know what they prefilled.
     prefill: str | None = None
+    # The n most likely tokens at each generated position, with their log probabilities.
+    logprobs: int | None = None
 
 
 @dataclass
@@ -47,6 +50,7 @@ class GenResult:
     num_input_tokens: int
     num_generated_tokens: int
     finish_reason: str  # "stop" (end of turn or a stop string) | "length" (max_tokens)
+    top_logprobs: list[list[dict[str, Any]]] | None = None
 
 
 def resolve_device(device: str) -> str:
@@ -68,6 +72,7 @@ class _Row:
     generator: Any  # torch.Generator
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None
+    top_logprobs: list[list[dict[str, Any]]] | None = None
 
 
 class HFGenerator:
@@ -207,9 +212,22 @@ class HFGenerator:
         return [self._result(r) for r in rows]
 
     def _sample(self, logits: Any, rows: list[_Row]) -> list[int]:
-        """Greedy rows take the argmax; others sample with temperature, top-p, own generator."""
+        """Greedy rows take the argmax; others sample with temperature, top-p, own generator.
+        Rows that ask for logprobs get the top n of the model's distribution (before
+        temperature, as vLLM reports them)."""
         import torch
 
+        wanting = [k for k, r in enumerate(rows) if r.req.logprobs]
+        if wanting:
+            logp = torch.log_softmax(logits[wanting], dim=-1)
+            for k, lp in zip(wanting, logp, strict=True):
+                values, ids = lp.topk(rows[k].req.logprobs)
+                tokens = self.tokenizer.convert_ids_to_tokens(ids.tolist())
+                words = [self.tokenizer.convert_tokens_to_string([t]) for t in tokens]
+                top = [
+                    {"token": w, "logprob": float(v)} for w, v in zip(words, values, strict=True)
+                ]
+                rows[k].top_logprobs = [*(rows[k].top_logprobs or []), top]
         greedy = logits.argmax(-1).tolist()
         if all(r.req.temperature == 0 for r in rows):
             return greedy
@@ -248,6 +266,7 @@ class HFGenerator:
             num_input_tokens=row.num_input_tokens,
             num_generated_tokens=len(row.tokens),
             finish_reason=row.finish_reason or "length",
+            top_logprobs=row.top_logprobs,
         )
 
 
@@ -313,6 +332,8 @@ class HFEngineActor:
 def request_from_row(row: dict[str, Any]) -> GenRequest:
     messages, prefill = split_prefill(row["messages"])
     sp = row["sampling_params"]
+    if sp.get("regex"):
+        warn_unconstrained()
     return GenRequest(
         messages=messages,
         max_tokens=sp["max_tokens"],
@@ -321,6 +342,15 @@ def request_from_row(row: dict[str, Any]) -> GenRequest:
         stop=sp["stop"] or [],
         seed=sp["seed"],
         prefill=prefill,
+        logprobs=sp.get("logprobs"),
+    )
+
+
+@functools.cache
+def warn_unconstrained() -> None:
+    log.warning(
+        "the hf engine cannot constrain decoding to a regex: generating freely (the checks "
+        "after generation still apply; vLLM honours `regex`)"
     )
 
 

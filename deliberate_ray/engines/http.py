@@ -120,6 +120,10 @@ def payload(row: dict[str, Any], cfg: EngineConfig) -> dict[str, Any]:
         "stop": sp["stop"] or None,
         "seed": sp["seed"],
     }
+    if sp.get("logprobs"):
+        body |= {"logprobs": True, "top_logprobs": sp["logprobs"]}
+    if sp.get("regex"):
+        body["structured_outputs"] = {"regex": sp["regex"]}  # vLLM-style servers
     if messages and messages[-1]["role"] == "assistant":
         body |= {"continue_final_message": True, "add_generation_prompt": False}
     if cfg.chat_template_kwargs:
@@ -162,7 +166,22 @@ def response_output(response: Any, max_tokens: int) -> dict[str, Any]:
         "finish_reason": "length" if reason == "length" else "stop",
         "engine_error": None,
         "reasoning_text": reasoning,
+        "top_logprobs": response_logprobs(choice),
     }
+
+
+def response_logprobs(choice: dict[str, Any]) -> list[list[dict[str, Any]]] | None:
+    """OpenAI `logprobs.content[i].top_logprobs` -> per token, [{token, logprob}]."""
+    content = (choice.get("logprobs") or {}).get("content")
+    if not content:
+        return None
+    return [
+        [
+            {"token": t["token"], "logprob": float(t["logprob"])}
+            for t in pos.get("top_logprobs") or []
+        ]
+        for pos in content
+    ]
 
 
 def _outputs(batch: pa.Table, keep: list[str]) -> pa.Table:

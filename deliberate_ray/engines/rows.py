@@ -1,12 +1,17 @@
 """The engine row contract, shared by the three back ends.
 
 In: `messages` (OpenAI chat format; a trailing assistant message is a prefill that the model
-continues) and `sampling_params` (`max_tokens`, `temperature`, `top_p`, `stop`, `seed`).
+continues) and `sampling_params` (`max_tokens`, `temperature`, `top_p`, `stop`, `seed`, and
+optionally `logprobs`: the n most likely tokens at each generated position, and `regex`: a
+regular expression the generated text must match, vLLM's structured outputs; engines that
+cannot constrain decoding say so once in their log and generate freely).
 `max_tokens == 0` asks for no generation: the row passes through as `skipped` (engines that
 cannot skip send a 1-token request and blank it). An optional `model` column (http engine)
 names the served model per row. Out: the kept columns plus OUTPUT_FIELDS; `reasoning_text`
 is the reasoning a server returned apart from the answer (`reasoning` or
-`reasoning_content`), null where the engine returns all text in `generated_text`.
+`reasoning_content`), null where the engine returns all text in `generated_text`;
+`top_logprobs` holds, per generated token, the asked-for most likely tokens with their log
+probabilities under the model (before temperature), null where none were asked for.
 """
 
 from __future__ import annotations
@@ -24,8 +29,11 @@ SAMPLING_PARAMS = pa.struct(
         ("top_p", pa.float64()),
         ("stop", pa.list_(pa.string())),
         ("seed", pa.int64()),
+        ("logprobs", pa.int32()),
+        ("regex", pa.string()),
     ]
 )
+TOKEN_LOGPROB = pa.struct([("token", pa.string()), ("logprob", pa.float64())])
 # Logical CPUs of the light map stages (building requests, parsing, reading scores, an
 # engine's own pre/post-processing). Ray Data splits the CPUs the engine actors leave among
 # the other operators; on 2 cores each gets ~0.2, and a stage asking for more waits until
@@ -38,6 +46,7 @@ OUTPUT_FIELDS = [
     pa.field("finish_reason", pa.string()),  # stop | length | skipped | error
     pa.field("engine_error", pa.string()),
     pa.field("reasoning_text", pa.string()),
+    pa.field("top_logprobs", pa.list_(pa.list_(TOKEN_LOGPROB))),
 ]
 OUTPUT_NAMES = [f.name for f in OUTPUT_FIELDS]
 SKIPPED: dict[str, Any] = {
@@ -47,13 +56,20 @@ SKIPPED: dict[str, Any] = {
     "finish_reason": "skipped",
     "engine_error": None,
     "reasoning_text": None,
+    "top_logprobs": None,
 }
 
 
 def sampling_params(
-    cfg: SamplingConfig, extra_stop: list[str] | None = None, seed: int | None = None
+    cfg: SamplingConfig,
+    extra_stop: list[str] | None = None,
+    seed: int | None = None,
+    *,
+    logprobs: int | None = None,
+    regex: str | None = None,
 ) -> dict[str, Any]:
-    """One row's sampling params: the config's, plus stage stop strings and a per-row seed."""
+    """One row's sampling params: the config's, plus stage stop strings and a per-row seed,
+    and optionally top-n log probabilities and a regular expression to decode under."""
     stop = list(dict.fromkeys([*cfg.stop, *(extra_stop or [])]))
     return {
         "max_tokens": cfg.max_tokens,
@@ -61,6 +77,8 @@ def sampling_params(
         "top_p": cfg.top_p,
         "stop": stop,
         "seed": seed,
+        "logprobs": logprobs,
+        "regex": regex,
     }
 
 

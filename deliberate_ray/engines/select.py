@@ -161,10 +161,11 @@ def count_cores(cores: str) -> int:
     return total
 
 
-def vllm_cpu_env_vars(kv_cache_gib: float = 1.0, cores: str | None = None) -> dict[str, str]:
-    """Environment for vLLM's CPU engine processes (they read it at start).
+def vllm_cpu_env_vars(cores: str | None = None) -> dict[str, str]:
+    """Environment for vLLM's CPU engine processes (they read it at start). The KV cache size
+    is an engine argument (`cpu_engine_kwargs`): vLLM's VLLM_CPU_KVCACHE_SPACE would override
+    it and only takes whole GiB.
 
-    - KV cache size in GiB (its default claims a large share of RAM);
     - the cores its OpenMP threads bind to (default: all of this machine's);
     - torch's libgomp preloaded (the kernels are built against it);
     - the model runs inside the engine-core process, not a third worker process: one fewer
@@ -173,7 +174,6 @@ def vllm_cpu_env_vars(kv_cache_gib: float = 1.0, cores: str | None = None) -> di
     """
     cores = cores or f"0-{(os.cpu_count() or 1) - 1}"
     env = {
-        "VLLM_CPU_KVCACHE_SPACE": str(max(1, round(kv_cache_gib))),
         "VLLM_CPU_OMP_THREADS_BIND": cores,
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
         # In-process, vLLM does not bind its own OpenMP threads, and Ray gives an actor with

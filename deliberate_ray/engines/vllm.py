@@ -37,13 +37,14 @@ def engine_kwargs(cfg: EngineConfig) -> dict[str, Any]:
     """The config's engine_kwargs over the CPU defaults (on GPU: as given)."""
     if not on_cpu(cfg):
         return dict(cfg.engine_kwargs)
-    return cpu_engine_kwargs(cfg.dtype, cfg.engine_kwargs)
+    return cpu_engine_kwargs(cfg.dtype, cfg.kv_cache_gib, cfg.engine_kwargs)
 
 
-def cpu_engine_kwargs(dtype: str, overrides: dict[str, Any]) -> dict[str, Any]:
+def cpu_engine_kwargs(dtype: str, kv_cache_gib: float, overrides: dict[str, Any]) -> dict[str, Any]:
     """`overrides` over vLLM's CPU defaults (the Serve app's too: serve/vllm.py)."""
     defaults = {
         "dtype": cpu_dtype() if dtype == "auto" else dtype,
+        "kv_cache_memory_bytes": int(kv_cache_gib * 2**30),
         "enforce_eager": True,
         "enable_prefix_caching": True,
         "max_model_len": CPU_MAX_MODEL_LEN,
@@ -65,7 +66,7 @@ def processor_config(cfg: EngineConfig) -> Any:
         light = {"num_cpus": LIGHT_CPUS}
         extra = {
             "placement_group_config": {"bundles": [{"CPU": cfg.num_cpus}]},
-            "runtime_env": {"env_vars": vllm_cpu_env_vars(cfg.kv_cache_gib, cfg.cpu_cores)},
+            "runtime_env": {"env_vars": vllm_cpu_env_vars(cfg.cpu_cores)},
             "chat_template_stage": light,
             # vLLM tokenizes the templated text and detokenizes itself: two fewer actors
             # (each a Python process importing transformers) to start on a small machine.
@@ -101,35 +102,60 @@ def _prepare(batch: pa.Table) -> pa.Table:
     afterwards. Seeds: a batch without any drops the field (an unseeded row samples fastest:
     vLLM's CPU sampler draws a vocabulary of noise per seeded row per step); in a batch with
     some, a null seed becomes a random one, because Ray hands a seed column with nulls to vLLM
-    as floats, which its engine rejects (and then hangs on)."""
+    as floats, which its engine rejects (and then hangs on). `logprobs` is dropped unless a
+    row asks for it (then a null is 0: the sampled token's own); `regex` becomes vLLM's
+    `structured_outputs` (null for a row without one)."""
     params = batch.column("sampling_params").to_pylist()
     asked = [p["max_tokens"] for p in params]
-    seeded = any(p["seed"] is not None for p in params)
+    seeded = any(p.get("seed") is not None for p in params)
+    with_logprobs = any(p.get("logprobs") is not None for p in params)
+    with_regex = any(p.get("regex") for p in params)
     rows = []
     for p, n in zip(params, asked, strict=True):
         p = p | {"max_tokens": max(n, 1)}
-        if not seeded:
-            del p["seed"]
-        elif p["seed"] is None:
-            p["seed"] = secrets.randbits(31)
+        seed, logprobs, regex = p.pop("seed", None), p.pop("logprobs", None), p.pop("regex", None)
+        if seeded:
+            p["seed"] = seed if seed is not None else secrets.randbits(31)
+        if with_logprobs:
+            p["logprobs"] = logprobs or 0
+        if with_regex:
+            p["structured_outputs"] = {"regex": regex} if regex else None
         rows.append(p)
+    fields = [f for f in batch.schema.field("sampling_params").type if f.name in rows[0]]
+    if with_regex:
+        fields.append(pa.field("structured_outputs", pa.struct([("regex", pa.string())])))
     i = batch.schema.get_field_index("sampling_params")
-    struct = batch.schema.field(i).type
-    if not seeded:
-        struct = pa.struct([f for f in struct if f.name != "seed"])
-    batch = batch.set_column(i, "sampling_params", pa.array(rows, struct))
+    batch = batch.set_column(i, "sampling_params", pa.array(rows, pa.struct(fields)))
     return batch.append_column("_max_tokens", pa.array(asked, pa.int32()))
+
+
+def top_logprobs(positions: Any) -> list[list[dict[str, Any]]] | None:
+    """vLLM's per-token logprobs (token id -> {logprob, rank, decoded_token}, as Ray's engine
+    stage returns them) -> per token, [{token, logprob}] most likely first."""
+    if positions is None:
+        return None
+    out = []
+    for pos in positions:
+        entries = [v for v in (pos or {}).values() if v is not None]
+        entries.sort(key=lambda v: (v.get("rank") or 0, -v["logprob"]))
+        out.append(
+            [{"token": v.get("decoded_token") or "", "logprob": v["logprob"]} for v in entries]
+        )
+    return out
 
 
 def _outputs(batch: pa.Table, keep: list[str]) -> pa.Table:
     cols = ["_max_tokens", "generated_text", "num_input_tokens", "num_generated_tokens"]
+    n_rows = batch.num_rows
+    names = batch.schema.names
     errors = (
         batch.column("__inference_error__").to_pylist()
-        if "__inference_error__" in batch.schema.names
-        else [None] * batch.num_rows
+        if "__inference_error__" in names
+        else [None] * n_rows
     )
+    logprobs = batch.column("logprobs").to_pylist() if "logprobs" in names else [None] * n_rows
     outputs = []
-    for r, error in zip(batch.select(cols).to_pylist(), errors, strict=True):
+    for r, error, lp in zip(batch.select(cols).to_pylist(), errors, logprobs, strict=True):
         if r["_max_tokens"] == 0:
             outputs.append(SKIPPED)
         elif error:
@@ -143,6 +169,7 @@ def _outputs(batch: pa.Table, keep: list[str]) -> pa.Table:
                     "num_generated_tokens": n,
                     "finish_reason": finish_reason(n, r["_max_tokens"]),
                     "engine_error": None,
+                    "top_logprobs": top_logprobs(lp),
                 }
             )
     return with_outputs(batch, keep, outputs)

@@ -19,7 +19,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from deliberate_ray.config import Config, GenerateConfig
+from deliberate_ray.config import Config, GenerateConfig, LLMJudgeConfig
 from deliberate_ray.contracts import (
     CHECKS,
     MESSAGES,
@@ -37,6 +37,7 @@ from deliberate_ray.graders.rules import run_checks
 from deliberate_ray.judge import (
     SCORE_PREFILL,
     checks_score,
+    expected_score,
     failed_gate,
     judge_messages,
     parse_judgement,
@@ -121,6 +122,7 @@ def teacher_requests(batch: pa.Table, spec: Spec, cfg: Config) -> pa.Table:
     rows = []
     for p in batch.to_pylist():
         messages = teacher.teacher_messages(p["messages"], spec, p["category"], cfg.spec.variant, t)
+        regex = teacher.reply_regex(spec, p["category"], t) if t.constrain else None
         for i in range(t.samples_per_prompt):
             rows.append(
                 {k: p[k] for k in ("id", "category", "ideal_action", "source")}
@@ -129,7 +131,7 @@ def teacher_requests(batch: pa.Table, spec: Spec, cfg: Config) -> pa.Table:
                     "sample_index": i,
                     "messages": messages,
                     "sampling_params": sampling_params(
-                        t.sampling, stops, row_seed(t.sampling.seed, p["id"], i)
+                        t.sampling, stops, row_seed(t.sampling.seed, p["id"], i), regex=regex
                     ),
                 }
             )
@@ -190,7 +192,6 @@ def drafts(batch: pa.Table, spec: Spec, cfg: Config) -> pa.Table:
                 }
             )
             continue
-        messages = judge_messages(spec, cfg.spec.variant, draft, llm)
         for j in range(llm.k):
             seed = row_seed(llm.sampling.seed, r["id"], r["sample_index"], j)
             out.append(
@@ -198,13 +199,26 @@ def drafts(batch: pa.Table, spec: Spec, cfg: Config) -> pa.Table:
                 | {
                     "judge_index": j,
                     "judge_runs": llm.k,
-                    "messages": messages,
-                    "sampling_params": sampling_params(llm.sampling, seed=seed),
+                    "messages": judge_messages(spec, cfg.spec.variant, draft, llm, run=j),
+                    "sampling_params": judge_params(llm, seed),
                 }
             )
     if llm.enabled:
         return pa.Table.from_pylist(out, schema=JUDGE_REQUEST)
     return pa.Table.from_pylist([d | NOT_JUDGED for d in out], schema=JUDGED_ROW)
+
+
+# `logprobs` scoring: the top 20 tokens at the first few positions after "Score:" (the
+# space, then the digit); greedy, so the path to the digit is the judge's most likely one.
+SCORE_LOGPROBS = 20
+SCORE_TOKENS = 3
+
+
+def judge_params(llm: LLMJudgeConfig, seed: int | None) -> dict[str, Any]:
+    if llm.scoring == "logprobs":
+        greedy = llm.sampling.model_copy(update={"max_tokens": SCORE_TOKENS, "temperature": 0.0})
+        return sampling_params(greedy, logprobs=SCORE_LOGPROBS)
+    return sampling_params(llm.sampling, seed=seed)
 
 
 def teacher_prompt_text(row: dict[str, Any]) -> str:
@@ -219,8 +233,8 @@ def skip_messages(prefill: bool) -> list[dict[str, str]]:
     return messages
 
 
-def judgements(batch: pa.Table, prefill: bool) -> pa.Table:
-    """Judge outputs -> score and justification per judge run."""
+def judgements(batch: pa.Table, prefill: bool, scoring: str = "sampled") -> pa.Table:
+    """Judge outputs -> score and justification (or how the score was read) per judge run."""
     rows = []
     for r in batch.to_pylist():
         row = {f.name: r[f.name] for f in DRAFT_COLS}
@@ -229,6 +243,8 @@ def judgements(batch: pa.Table, prefill: bool) -> pa.Table:
             continue
         if r["engine_error"]:
             score, rationale = None, f"judge engine error: {r['engine_error']}"
+        elif scoring == "logprobs":
+            score, rationale = expected_score(r["top_logprobs"])
         else:
             score, rationale = parse_judgement(r["generated_text"], prefill)
         rows.append(
@@ -262,7 +278,8 @@ def build_dataset(prompts: pa.Table, spec: Spec, cfg: Config) -> Any:
     ds = light_stage(ds, drafts, spec=spec, cfg=cfg)
     if g.judge.llm.enabled:
         ds = apply_engine(ds, g.judge.llm.engine, [f.name for f in DRAFT_COLS])
-        ds = light_stage(ds, judgements, prefill=g.judge.llm.prefill)
+        llm = g.judge.llm
+        ds = light_stage(ds, judgements, prefill=llm.prefill, scoring=llm.scoring)
     return ds
 
 

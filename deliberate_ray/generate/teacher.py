@@ -93,6 +93,25 @@ def teacher_messages(
     return messages
 
 
+# The reasoning line around the policy id, in characters. The bound keeps a small model from
+# rambling on until max_tokens before it names a policy; the answer line has none (xgrammar's
+# token masks for a long bounded repetition cost more per step than the model itself on CPU:
+# bench/teacher_regex.py).
+REASONING_CHARS = 100
+
+
+def reply_regex(spec: Spec, category: str, cfg: TeacherConfig) -> str:
+    """The continuation of the prefilled "Reasoning:" that `constrain` decodes under: a
+    reasoning line that names one of the category's policy ids as a word of its own (after
+    a space or "(", not followed by a digit: "allVIO-2" or "VIO-21" would not read as a
+    citation), then one answer line (a newline ends it: the model stops where it would have
+    started a new paragraph)."""
+    ids = "|".join(sorted(spec.policy_ids(category)))  # letters, "-", digits (spec.py checks)
+    before = f"([^\\n]{{0,{REASONING_CHARS - 1}}}[ (])?"
+    after = f"([^0-9\\n][^\\n]{{0,{REASONING_CHARS - 1}}})?"
+    return f" {before}({ids}){after}\\n{ANSWER_MARK} [^\\n]+\\n?"
+
+
 def prefill(cfg: TeacherConfig) -> bool:
     return cfg.reasoning_format == "delimiter" and cfg.prefill
 

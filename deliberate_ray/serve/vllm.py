@@ -39,13 +39,13 @@ def llm_config(name: str, ref: str, cfg: ServeConfig) -> Any:
     engine_kwargs = dict(cfg.engine_kwargs)
     extra: dict[str, Any] = {}
     if cfg.num_gpus == 0 and not cfg.accelerator_type:
-        engine_kwargs = cpu_engine_kwargs(cfg.dtype, cfg.engine_kwargs)
+        engine_kwargs = cpu_engine_kwargs(cfg.dtype, cfg.kv_cache_gib, cfg.engine_kwargs)
         # Ray adds the replica actor's CPUs to the bundle; the model runs under the replica, so
         # the bundle alone is its reservation.
         deployment["ray_actor_options"] = {"num_cpus": 0}
         extra = {
             "placement_group_config": {"bundles": [{"CPU": cfg.num_cpus}]},
-            "runtime_env": {"env_vars": vllm_cpu_env_vars(cfg.kv_cache_gib, cfg.cpu_cores)},
+            "runtime_env": {"env_vars": vllm_cpu_env_vars(cfg.cpu_cores)},
         }
     if cfg.reasoning_parser:
         engine_kwargs = {"reasoning_parser": cfg.reasoning_parser} | engine_kwargs
