@@ -235,7 +235,6 @@ def test_hf_logprobs_are_the_models_top_tokens(generator):
     assert "".join(position[0]["token"] for position in top) == asked.generated_text
 
 
-
 def test_vllm_rows_carry_logprobs_and_regex_as_vllm_wants_them():
     """What Ray's vLLM stage receives: `structured_outputs` from `regex` (null where a row
     has none), `logprobs` only when a row asks, seeds dropped when none is set; and vLLM's
@@ -311,3 +310,50 @@ def test_http_payload_asks_for_logprobs_and_regex_and_reads_them_back():
     assert out["top_logprobs"] == [
         [{"token": "7", "logprob": -0.2}, {"token": "6", "logprob": -1.9}]
     ]
+
+
+def test_cpu_kv_cache_is_an_engine_argument_in_fractions_of_a_gib():
+    """vLLM's VLLM_CPU_KVCACHE_SPACE takes whole GiB and overrides the engine argument, so
+    the CPU environment leaves it out and `kv_cache_gib` becomes kv_cache_memory_bytes."""
+    from deliberate_ray.config import ServeConfig
+    from deliberate_ray.engines.select import vllm_cpu_env_vars
+    from deliberate_ray.engines.vllm import engine_kwargs
+
+    assert "VLLM_CPU_KVCACHE_SPACE" not in vllm_cpu_env_vars("0-1")
+    kwargs = engine_kwargs(EngineConfig(kind="vllm", kv_cache_gib=0.25))
+    assert kwargs["kv_cache_memory_bytes"] == 2**28
+    override = engine_kwargs(
+        EngineConfig(kind="vllm", engine_kwargs={"kv_cache_memory_bytes": 123})
+    )
+    assert override["kv_cache_memory_bytes"] == 123
+    assert ServeConfig(kv_cache_gib=0.5).kv_cache_gib == 0.5
+    with pytest.raises(ValueError):
+        EngineConfig(kv_cache_gib=0)
+
+
+def test_kept_columns_cross_the_vllm_processor_whatever_their_nulls():
+    """Ray's vLLM processor rebuilds blocks with types inferred per block; a kept struct
+    column that is null in every row of one block must still come back as it went in."""
+    from deliberate_ray.engines.vllm import CARRY, _carry, _uncarry
+
+    checks = pa.struct([("ok", pa.bool_()), ("ids", pa.list_(pa.string()))])
+    params = pa.array([sampling_params(SamplingConfig())] * 2, SAMPLING_PARAMS)
+    batch = pa.table(
+        {
+            "id": ["a", "b"],
+            "checks": pa.array([None, {"ok": True, "ids": ["VIO-1"]}], checks),
+            "messages": pa.array([chat("Hi")] * 2, MESSAGES),
+            "sampling_params": params,
+        }
+    )
+    sent = _carry(batch, ["id", "checks"])
+    assert set(sent.schema.names) == {"messages", "sampling_params", "_max_tokens", CARRY}
+    engine = (
+        sent.append_column("generated_text", pa.array(["x", "y"]))
+        .append_column("num_input_tokens", pa.array([3, 4]))
+        .append_column("num_generated_tokens", pa.array([1, 1]))
+    )
+    back = _uncarry(engine, ["id", "checks"]).to_pylist()
+    assert [r["id"] for r in back] == ["a", "b"]
+    assert back[0]["checks"] is None and back[1]["checks"] == {"ok": True, "ids": ["VIO-1"]}
+    assert back[1]["generated_text"] == "y" and back[1]["finish_reason"] == "stop"

@@ -9,6 +9,7 @@ vLLM itself is imported only inside the engine actors.
 
 from __future__ import annotations
 
+import json
 import secrets
 from typing import Any
 
@@ -104,7 +105,9 @@ def _prepare(batch: pa.Table) -> pa.Table:
     some, a null seed becomes a random one, because Ray hands a seed column with nulls to vLLM
     as floats, which its engine rejects (and then hangs on). `logprobs` is dropped unless a
     row asks for it (then a null is 0: the sampled token's own); `regex` becomes vLLM's
-    `structured_outputs` (null for a row without one)."""
+    `structured_outputs` (null for a row without one). So the rows of one stage must agree
+    on which of seed, logprobs and regex they use (skipped rows included): Ray cannot
+    concatenate blocks whose sampling_params differ in their fields."""
     params = batch.column("sampling_params").to_pylist()
     asked = [p["max_tokens"] for p in params]
     seeded = any(p.get("seed") is not None for p in params)
@@ -175,7 +178,30 @@ def _outputs(batch: pa.Table, keep: list[str]) -> pa.Table:
     return with_outputs(batch, keep, outputs)
 
 
+# The kept columns cross Ray's vLLM processor as one JSON string per row: its row-wise maps
+# rebuild blocks with types inferred per block, so a column that is null in every row of one
+# block (say `checks` of samples that all failed to parse) and a struct in another could not
+# be concatenated into the engine's batches.
+CARRY = "_keep_json"
+
+
+def _carry(batch: pa.Table, keep: list[str]) -> pa.Table:
+    rows = batch.select(keep).to_pylist()
+    carried = pa.array([json.dumps(r, default=str) for r in rows], pa.string())
+    return _prepare(batch.select(["messages", "sampling_params"])).append_column(CARRY, carried)
+
+
+def _uncarry(batch: pa.Table, keep: list[str]) -> pa.Table:
+    out = _outputs(batch, [])
+    rows = [json.loads(r) for r in batch.column(CARRY).to_pylist()]
+    kept = pa.Table.from_pylist(rows) if rows else None
+    for i, name in enumerate(keep):
+        column = kept.column(name) if kept is not None else pa.array([], pa.null())
+        out = out.add_column(i, name, column)
+    return out
+
+
 def apply_vllm(ds: Any, cfg: EngineConfig, keep: list[str]) -> Any:
     light = {"batch_format": "pyarrow", "num_cpus": LIGHT_CPUS}
-    ds = ds.map_batches(_prepare, **light)
-    return build(cfg)(ds).map_batches(_outputs, fn_kwargs={"keep": keep}, **light)
+    ds = ds.map_batches(_carry, fn_kwargs={"keep": keep}, **light)
+    return build(cfg)(ds).map_batches(_uncarry, fn_kwargs={"keep": keep}, **light)

@@ -188,7 +188,11 @@ def drafts(batch: pa.Table, spec: Spec, cfg: Config) -> pa.Table:
                 draft
                 | {
                     "messages": skip_messages(llm.prefill),
-                    "sampling_params": sampling_params(llm.sampling) | {"max_tokens": 0},
+                    # The same optional fields as the stage's judged rows: the vLLM engine
+                    # drops a field no row of a batch uses, and Ray cannot concatenate
+                    # blocks whose sampling_params differ in their fields.
+                    "sampling_params": judge_params(llm, row_seed(llm.sampling.seed, r["id"]))
+                    | {"max_tokens": 0},
                 }
             )
             continue
