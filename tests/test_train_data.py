@@ -15,6 +15,7 @@ from deliberate_ray.train.data import (
     encode_chat,
     encode_doc,
     first_fit_decreasing,
+    opens_think,
     pack_examples,
     split_chat,
     tokenizer_for,
@@ -39,11 +40,13 @@ def tok(tiny_model: str):
 @pytest.mark.parametrize(
     "variant, reply",
     [
-        ("cot", f"<think>\n{ROW['cot']}\n</think>\n\n{ROW['answer']}"),
+        # The cot student's template opens the think block: the opener is prompt, not reply.
+        ("cot", f"{ROW['cot']}\n</think>\n\n{ROW['answer']}"),
         ("no_cot", ROW["answer"]),
     ],
 )
-def test_labels_mask_exactly_the_prompt(tok, variant: str, reply: str) -> None:
+def test_labels_mask_exactly_the_prompt(tiny_model, variant: str, reply: str) -> None:
+    tok = tokenizer_for(tiny_model, variant)
     prompt, turn = split_chat(ROW, variant, tok.chat_template)
     ids, labels = encode_chat(tok, prompt, turn)
     # The prompt as the model sees it at inference: the template with the generation prompt.
@@ -51,10 +54,28 @@ def test_labels_mask_exactly_the_prompt(tok, variant: str, reply: str) -> None:
     prompt_ids = prompt_ids["input_ids"] if hasattr(prompt_ids, "keys") else prompt_ids
     n = len(prompt_ids)
     assert ids[:n] == list(prompt_ids)
+    assert tok.decode(prompt_ids).endswith("<think>\n") == (variant == "cot")
     for i, (token, label) in enumerate(zip(ids, labels, strict=True)):
         assert label == (IGNORE if i < n else token), f"position {i}: {tok.decode([token])!r}"
     assert tok.decode(ids[n:]) == reply + tok.eos_token
     assert ids[-1] == tok.eos_token_id
+
+
+def test_think_template_opens_the_block_once_and_only_for_the_reply(tok) -> None:
+    from deliberate_ray.train.data import think_template
+
+    wrapped = think_template(tok.chat_template)
+    assert think_template(wrapped) == wrapped
+    conversation = [*PROMPT, {"role": "assistant", "content": "Hi."}]
+    plain = tok.apply_chat_template(conversation, tokenize=False, chat_template=wrapped)
+    assert plain == tok.apply_chat_template(conversation, tokenize=False)  # no reply opener
+    asked = tok.apply_chat_template(
+        PROMPT, tokenize=False, add_generation_prompt=True, chat_template=wrapped
+    )
+    base = tok.apply_chat_template(PROMPT, tokenize=False, add_generation_prompt=True)
+    assert asked == base + "<think>\n"
+    # Templates with their own reasoning field are left alone.
+    assert not opens_think("{{ message.reasoning_content }}")
 
 
 def test_reasoning_field_used_when_the_template_has_one() -> None:

@@ -121,6 +121,13 @@ def test_full_finetune_stopped_after_a_checkpoint_resumes_there(
     assert second["export_kind"] == "full" and (export / "model.safetensors").exists()
     assert "quantization_config" not in json.loads((export / "config.json").read_text())
     assert (export / "chat_template.jinja").exists()
+    # A cot student ships the template it was trained with: the think block opened for it.
+    from transformers import AutoTokenizer
+
+    served = AutoTokenizer.from_pretrained(str(export)).apply_chat_template(
+        [{"role": "user", "content": "hello"}], tokenize=False, add_generation_prompt=True
+    )
+    assert served.endswith("<think>\n")
     generate(str(export), str(export))
 
 

@@ -50,11 +50,44 @@ class TrainDataError(ValueError):
     """Training data cannot be used as given; the message names the file and what is wrong."""
 
 
-@lru_cache(maxsize=4)
-def tokenizer_for(model: str) -> Any:
+@lru_cache(maxsize=8)
+def tokenizer_for(model: str, variant: str | None = None) -> Any:
+    """The model's tokenizer; for `cot` on a template without a reasoning field of its own,
+    with the think block opened by the template (`think_template`)."""
     from deliberate_ray.models import load_tokenizer
 
-    return load_tokenizer(model)
+    tok = load_tokenizer(model)
+    if variant == "cot" and opens_think(tok.chat_template or ""):
+        tok.chat_template = think_template(tok.chat_template)
+    return tok
+
+
+# Marks a template that think_template wrapped (so it is never wrapped twice).
+THINK_WRAPPED = "deliberate-ray: the generation prompt opens the think block"
+
+
+def opens_think(chat_template: str) -> bool:
+    """Whether a `cot` student on this template gets its think block opened by the template:
+    templates without a reasoning field of their own (plain instruct models)."""
+    return bool(chat_template) and "reasoning_content" not in chat_template
+
+
+def think_template(chat_template: str) -> str:
+    """The chat template of a `cot` student: the base model's, with `<think>` and a newline
+    after the generation prompt, as DeepSeek-R1's template does. The student starts its
+    reasoning at once instead of having to learn to spell the opener: the embedded 135M
+    student, whose tokenizer splits `<think>` into "<", "think", ">", learned the "<" in 32
+    LoRA steps and then made up tags ("<tap>", "<smile>") in 88 of 96 replies. Training
+    masks the opener as part of the prompt; the export ships this template, so vLLM (its
+    olmo3 reasoning parser allows the opener in the prompt), the transformers app and the
+    eval all build the same prompt."""
+    if THINK_WRAPPED in chat_template:
+        return chat_template
+    return (
+        "{#- " + THINK_WRAPPED + " -#}"
+        "{% set base_turns %}" + chat_template + "{% endset %}{{ base_turns }}"
+        "{% if add_generation_prompt %}{{ '<think>\\n' }}{% endif %}"
+    )
 
 
 def assistant_turn(row: dict[str, Any], variant: str, chat_template: str) -> dict[str, Any]:
@@ -110,7 +143,7 @@ def encode_doc(tok: Any, text: str, max_len: int) -> list[tuple[list[int], list[
 
 def encode_batch(batch: pa.Table, model: str, variant: str, max_len: int) -> pa.Table:
     """Ray Data map: rows -> examples; `drop` says why a row is unusable ("" if it is not)."""
-    tok = tokenizer_for(model)
+    tok = tokenizer_for(model, variant)
     out: dict[str, list] = {"input_ids": [], "labels": [], "num_tokens": [], "drop": []}
 
     def emit(ids: list[int], labels: list[int], drop: str = "") -> None:
