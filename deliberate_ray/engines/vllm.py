@@ -147,7 +147,8 @@ def top_logprobs(positions: Any) -> list[list[dict[str, Any]]] | None:
     return out
 
 
-def _outputs(batch: pa.Table, keep: list[str]) -> pa.Table:
+def _engine_outputs(batch: pa.Table) -> list[dict[str, Any]]:
+    """Each row's engine outputs (the contract's OUTPUT_FIELDS) from Ray's engine stage."""
     cols = ["_max_tokens", "generated_text", "num_input_tokens", "num_generated_tokens"]
     n_rows = batch.num_rows
     names = batch.schema.names
@@ -175,7 +176,7 @@ def _outputs(batch: pa.Table, keep: list[str]) -> pa.Table:
                     "top_logprobs": top_logprobs(lp),
                 }
             )
-    return with_outputs(batch, keep, outputs)
+    return outputs
 
 
 # The kept columns cross Ray's vLLM processor as one JSON string per row: its row-wise maps
@@ -192,13 +193,9 @@ def _carry(batch: pa.Table, keep: list[str]) -> pa.Table:
 
 
 def _uncarry(batch: pa.Table, keep: list[str]) -> pa.Table:
-    out = _outputs(batch, [])
     rows = [json.loads(r) for r in batch.column(CARRY).to_pylist()]
-    kept = pa.Table.from_pylist(rows) if rows else None
-    for i, name in enumerate(keep):
-        column = kept.column(name) if kept is not None else pa.array([], pa.null())
-        out = out.add_column(i, name, column)
-    return out
+    kept = pa.Table.from_pylist(rows) if rows else pa.table({n: pa.array([]) for n in keep})
+    return with_outputs(kept, keep, _engine_outputs(batch))
 
 
 def apply_vllm(ds: Any, cfg: EngineConfig, keep: list[str]) -> Any:

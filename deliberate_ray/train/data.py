@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 
 IGNORE = -100
 # The student's reasoning format when the chat template has no reasoning field of its own.
-THINK_FORMAT = "<think>\n{cot}\n</think>\n\n{answer}"
+THINK_OPEN = "<think>\n"
+THINK_FORMAT = THINK_OPEN + "{cot}\n</think>\n\n{answer}"
 REQUIRED_COLUMNS = {
     "cot": ("messages", "cot", "answer"),
     "no_cot": ("messages", "answer"),
@@ -57,9 +58,16 @@ def tokenizer_for(model: str, variant: str | None = None) -> Any:
     from deliberate_ray.models import load_tokenizer
 
     tok = load_tokenizer(model)
-    if variant == "cot" and opens_think(tok.chat_template or ""):
-        tok.chat_template = think_template(tok.chat_template)
+    tok.chat_template = student_template(tok.chat_template, variant)
     return tok
+
+
+def student_template(chat_template: str | None, variant: str | None) -> str | None:
+    """The chat template a student of `variant` trains and ships with: `think_template` for
+    `cot` on a template without a reasoning field of its own, else the base model's."""
+    if variant == "cot" and opens_think(chat_template or ""):
+        return think_template(chat_template or "")
+    return chat_template
 
 
 # Marks a template that think_template wrapped (so it is never wrapped twice).
@@ -86,7 +94,7 @@ def think_template(chat_template: str) -> str:
     return (
         "{#- " + THINK_WRAPPED + " -#}"
         "{% set base_turns %}" + chat_template + "{% endset %}{{ base_turns }}"
-        "{% if add_generation_prompt %}{{ '<think>\\n' }}{% endif %}"
+        "{% if add_generation_prompt %}{{ " + repr(THINK_OPEN) + " }}{% endif %}"
     )
 
 

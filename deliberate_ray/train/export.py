@@ -18,7 +18,7 @@ import torch
 
 from deliberate_ray.config import TrainConfig
 from deliberate_ray.train.checkpoint import load_model_weights
-from deliberate_ray.train.data import opens_think, think_template
+from deliberate_ray.train.data import student_template
 from deliberate_ray.train.parallelize import apply_lora, load_base_model
 
 log = logging.getLogger(__name__)
@@ -44,8 +44,7 @@ def export_hf(checkpoint_dir: str, cfg: TrainConfig, out_dir: Path) -> dict[str,
     try:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tok = AutoTokenizer.from_pretrained(cfg.model)
-        if cfg.variant == "cot" and opens_think(tok.chat_template or ""):
-            tok.chat_template = think_template(tok.chat_template)  # as the student learned
+        tok.chat_template = student_template(tok.chat_template, cfg.variant)  # as it learned
         tok.save_pretrained(str(tmp))
         shutil.rmtree(out_dir, ignore_errors=True)
         tmp.rename(out_dir)
