@@ -105,11 +105,21 @@ def run_pipeline(cfg: Config) -> dict[str, Any]:
     def evaluate() -> dict[str, Any]:
         serve_cfg = cfg.serve.model_copy(update={"models": models})
         url = start_serve(models, serve_cfg)
+        stopped = False
+
+        def stop() -> None:  # once the replies are in (graders need no endpoint), or on error
+            nonlocal stopped
+            if not stopped:
+                stopped = True
+                shutdown()
+
         try:
             ev_cfg = cfg.eval.model_copy(update={"spec_variant": cfg.spec.variant})
-            return run_eval(cfg.eval.suites, url, list(models), run_dir / "eval", ev_cfg)
+            return run_eval(
+                cfg.eval.suites, url, list(models), run_dir / "eval", ev_cfg, answered=stop
+            )
         finally:
-            shutdown()
+            stop()
 
     ev = stages.run("eval", evaluate)
     summary = {

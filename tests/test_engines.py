@@ -42,6 +42,26 @@ def test_greedy_matches_transformers_generate(generator):
     assert got.num_input_tokens == ids.input_ids.shape[1]
 
 
+def test_repetition_penalty_matches_transformers_generate(generator):
+    """The hf engine's penalty is transformers' (prompt and reply tokens), row by row: a
+    penalised row beside an unpenalised one decodes as `generate(repetition_penalty=)`."""
+    import torch
+
+    req = GenRequest(chat("Name a colour."), 16, 0.0, repetition_penalty=2.0)
+    ids = generator.tokenizer(
+        generator.prompt_text(req), return_tensors="pt", add_special_tokens=False
+    )
+    with torch.inference_mode():
+        ref = generator.model.generate(
+            **ids, max_new_tokens=16, do_sample=False, min_new_tokens=16, repetition_penalty=2.0
+        )
+    want = generator.tokenizer.decode(ref[0, ids.input_ids.shape[1] :], skip_special_tokens=True)
+    plain = GenRequest(chat("Name a colour."), 16, 0.0)
+    got_plain, got = generator.generate([plain, req])
+    assert got.generated_text == want
+    assert got_plain.generated_text != got.generated_text
+
+
 def test_seeds_are_deterministic_and_rows_independent(generator):
     reqs = [GenRequest(chat("Tell me a story."), 10, 1.0, seed=s) for s in (1, 1, 2)]
     a = generator.generate(reqs)
@@ -260,6 +280,7 @@ def test_vllm_rows_carry_logprobs_and_regex_as_vllm_wants_them():
         "temperature",
         "top_p",
         "stop",
+        "repetition_penalty",
     }
     vllm_positions = [
         {
@@ -285,6 +306,11 @@ def test_http_payload_asks_for_logprobs_and_regex_and_reads_them_back():
         {"messages": chat("Hi"), "sampling_params": sampling_params(SamplingConfig())}, cfg
     )
     assert "logprobs" not in plain and "structured_outputs" not in plain
+    assert "repetition_penalty" not in plain  # an OpenAI server may not know the field
+    penalised = sampling_params(SamplingConfig(repetition_penalty=1.1))
+    assert payload({"messages": chat("Hi"), "sampling_params": penalised}, cfg)[
+        "repetition_penalty"
+    ] == 1.1
     response = {
         "choices": [
             {

@@ -42,6 +42,9 @@ class GenRequest:
     prefill: str | None = None
     # The n most likely tokens at each generated position, with their log probabilities.
     logprobs: int | None = None
+    # > 1 makes every token already in the prompt or the reply less likely (vLLM's and
+    # transformers' rule: positive logits divided by it, negative ones multiplied).
+    repetition_penalty: float = 1.0
 
 
 @dataclass
@@ -73,6 +76,8 @@ class _Row:
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     top_logprobs: list[list[dict[str, Any]]] | None = None
+    # Prompt and reply token ids, for the repetition penalty.
+    seen: set[int] = field(default_factory=set)
 
 
 class HFGenerator:
@@ -190,7 +195,8 @@ class HFGenerator:
         logits, mask, next_pos = logits[idx], mask[idx], next_pos[idx]
 
         rows = [
-            _Row(r, len(e), _generator(r.seed, dev)) for r, e in zip(requests, encoded, strict=True)
+            _Row(r, len(e), _generator(r.seed, dev), seen=set(e) if penalized(r) else set())
+            for r, e in zip(requests, encoded, strict=True)
         ]
         active = list(range(len(rows)))
         while True:
@@ -228,6 +234,7 @@ class HFGenerator:
                     {"token": w, "logprob": float(v)} for w, v in zip(words, values, strict=True)
                 ]
                 rows[k].top_logprobs = [*(rows[k].top_logprobs or []), top]
+        logits = _penalize(logits, rows)
         greedy = logits.argmax(-1).tolist()
         if all(r.req.temperature == 0 for r in rows):
             return greedy
@@ -248,6 +255,8 @@ class HFGenerator:
 
     def _advance(self, row: _Row, token: int) -> None:
         row.tokens.append(token)
+        if penalized(row.req):
+            row.seen.add(token)
         if token in self.end_ids:
             row.finish_reason = "stop"
         elif row.req.stop and _tail_has_stop(self.tokenizer, row.tokens, row.req.stop):
@@ -329,6 +338,27 @@ class HFEngineActor:
             return [out for r in requests for out in self._run([r])]
 
 
+def penalized(req: GenRequest) -> bool:
+    return req.repetition_penalty != 1
+
+
+def _penalize(logits: Any, rows: list[_Row]) -> Any:
+    """The repetition penalty of each row that asks for one, on the tokens it has seen."""
+    import torch
+
+    if not any(penalized(r.req) for r in rows):
+        return logits
+    logits = logits.clone()
+    for k, row in enumerate(rows):
+        p = row.req.repetition_penalty
+        if not penalized(row.req) or not row.seen:
+            continue
+        ids = torch.tensor(sorted(row.seen), device=logits.device)
+        picked = logits[k, ids]
+        logits[k, ids] = torch.where(picked > 0, picked / p, picked * p)
+    return logits
+
+
 def request_from_row(row: dict[str, Any]) -> GenRequest:
     messages, prefill = split_prefill(row["messages"])
     sp = row["sampling_params"]
@@ -343,6 +373,7 @@ def request_from_row(row: dict[str, Any]) -> GenRequest:
         seed=sp["seed"],
         prefill=prefill,
         logprobs=sp.get("logprobs"),
+        repetition_penalty=sp.get("repetition_penalty") or 1.0,
     )
 
 

@@ -120,6 +120,8 @@ def payload(row: dict[str, Any], cfg: EngineConfig) -> dict[str, Any]:
         "stop": sp["stop"] or None,
         "seed": sp["seed"],
     }
+    if sp.get("repetition_penalty", 1.0) not in (None, 1.0):
+        body["repetition_penalty"] = sp["repetition_penalty"]  # vLLM-style servers, ours
     if sp.get("logprobs"):
         body |= {"logprobs": True, "top_logprobs": sp["logprobs"]}
     if sp.get("regex"):

@@ -29,6 +29,7 @@ SAMPLING_PARAMS = pa.struct(
         ("top_p", pa.float64()),
         ("stop", pa.list_(pa.string())),
         ("seed", pa.int64()),
+        ("repetition_penalty", pa.float64()),
         ("logprobs", pa.int32()),
         ("regex", pa.string()),
     ]
@@ -77,6 +78,7 @@ def sampling_params(
         "top_p": cfg.top_p,
         "stop": stop,
         "seed": seed,
+        "repetition_penalty": cfg.repetition_penalty,
         "logprobs": logprobs,
         "regex": regex,
     }

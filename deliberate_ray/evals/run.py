@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -170,13 +171,32 @@ class ReplyGrader:
 
 
 def answer_and_grade(
-    rows: list[dict[str, Any]], endpoint: str, models: list[str], cfg: EvalConfig
+    rows: list[dict[str, Any]],
+    endpoint: str,
+    models: list[str],
+    cfg: EvalConfig,
+    answered: Callable[[], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Suite rows -> one graded response dict per (row, model)."""
+    """Suite rows -> one graded response dict per (row, model).
+
+    The models answer one after another, each model's requests all in flight together: on
+    a small machine each served model is an engine of its own, and two busy engines fight
+    for the same cores (the demo's base and cot engines answered their 96 prompts each in
+    200 s together, in 127 s one after the other). The graders run once every reply is in,
+    after `answered()` (the pipeline shuts its Serve app down there, freeing the engines'
+    memory and cores for the classifier)."""
     from ray.data import ActorPoolStrategy
 
     prompts = [r["messages"][-1]["content"] for r in rows]
-    replies = collect(request_items(rows, models, cfg), endpoint, cfg)
+    parts = []
+    for model in models:
+        t0 = time.perf_counter()
+        parts.append(collect(request_items(rows, [model], cfg), endpoint, cfg).materialize())
+        took = time.perf_counter() - t0
+        log.info("eval: %s answered %d prompts in %.1f s", model, len(rows), took)
+    if answered is not None:
+        answered()
+    replies = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     graded = replies.map_batches(
         ReplyGrader,
         fn_constructor_kwargs={
@@ -244,10 +264,17 @@ def add_style_and_policy(responses: list[dict[str, Any]], cfg: EvalConfig) -> st
 
 
 def run_eval(
-    suites: list[str], endpoint: str, models: list[str], out_dir: str | Path, cfg: EvalConfig
+    suites: list[str],
+    endpoint: str,
+    models: list[str],
+    out_dir: str | Path,
+    cfg: EvalConfig,
+    answered: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Ask every model every suite prompt, grade, and write responses.parquet, metrics.json,
-    report.md and metrics.png under out_dir. Returns the metrics document."""
+    report.md and metrics.png under out_dir. Returns the metrics document. `answered` runs
+    once every reply is in, before grading (not with an LLM judge that may ask the
+    endpoint)."""
     import ray
 
     if not models:
@@ -262,7 +289,9 @@ def run_eval(
     if not ray.is_initialized():
         ray.init()
     start = time.time()
-    responses = answer_and_grade(rows, endpoint, models, cfg)
+    responses = answer_and_grade(
+        rows, endpoint, models, cfg, answered if cfg.judge is None else None
+    )
     style_source = add_style_and_policy(responses, cfg)
     doc = {
         "endpoint": endpoint,

@@ -83,6 +83,7 @@ class ChatModel:
             max_tokens=max_tokens,
             temperature=req.temperature,
             top_p=req.top_p,
+            repetition_penalty=req.repetition_penalty,
             stop=req.stop,
             prefill=prefill,
         )

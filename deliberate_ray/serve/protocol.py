@@ -93,6 +93,7 @@ class ChatRequest(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=2.0)
     n: int = Field(default=1, ge=1, le=MAX_N)
     stop: list[str] = Field(default_factory=list, max_length=MAX_STOP)
     seed: int | None = None
