@@ -308,9 +308,10 @@ def test_http_payload_asks_for_logprobs_and_regex_and_reads_them_back():
     assert "logprobs" not in plain and "structured_outputs" not in plain
     assert "repetition_penalty" not in plain  # an OpenAI server may not know the field
     penalised = sampling_params(SamplingConfig(repetition_penalty=1.1))
-    assert payload({"messages": chat("Hi"), "sampling_params": penalised}, cfg)[
-        "repetition_penalty"
-    ] == 1.1
+    assert (
+        payload({"messages": chat("Hi"), "sampling_params": penalised}, cfg)["repetition_penalty"]
+        == 1.1
+    )
     response = {
         "choices": [
             {
