@@ -47,6 +47,7 @@ def main() -> None:
     )
     p.add_argument("--settings", default=",".join(SETTINGS))
     p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--kv-cache-gib", type=float, default=0.5, help="per engine")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "eval_sampling.json")
     a = p.parse_args()
     if os.environ.get("_EVAL_SAMPLING_ENV") != "1":  # LD_PRELOAD acts at process start only
@@ -62,11 +63,12 @@ def main() -> None:
         "suite": a.suite,
         "requests": len(rows),
         "max_tokens": a.max_tokens,
+        "kv_cache_gib": a.kv_cache_gib,
         "load_avg_before": os.getloadavg(),
         "models": {},
     }
     for name, path in models.items():
-        llm = LLM(str(path), **cpu_engine_kwargs("auto", 0.5, {}))
+        llm = LLM(str(path), **cpu_engine_kwargs("auto", a.kv_cache_gib, {}))
         per: dict = {}
         for setting in a.settings.split(","):
             params = SamplingParams(max_tokens=a.max_tokens, **SETTINGS[setting])

@@ -123,8 +123,14 @@ def serve(
     port: Annotated[int | None, typer.Option(help="HTTP port; default 8000.")] = None,
     api_key_env: Annotated[
         str | None,
-        typer.Option(help="Env var holding the API key; requests then need a Bearer token."),
+        typer.Option(
+            help="Env var holding the API key (default DELIBERATE_RAY_API_KEY); every request "
+            "needs it as a Bearer token. Unset or empty: an error, unless --no-auth."
+        ),
     ] = None,
+    no_auth: Annotated[
+        bool, typer.Option("--no-auth", help="Serve without authentication (warns).")
+    ] = False,
     config: Annotated[
         str | None, typer.Option("--config", "-c", help="Run config; its serve section.")
     ] = None,
@@ -134,7 +140,9 @@ def serve(
     from deliberate_ray.serve.protocol import parse_model_args
 
     try:
-        cfg = serve_config(config, host=host, port=port, api_key_env=api_key_env)
+        cfg = serve_config(
+            config, host=host, port=port, api_key_env=api_key_env, no_auth=no_auth or None
+        )
         models = parse_model_args(model) if model else cfg.models
         if not models:
             raise ValueError("give at least one --model [NAME=]REF (or serve.models in --config)")

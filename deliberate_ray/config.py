@@ -284,6 +284,9 @@ class AutoscalingConfig(StrictModel):
         return self
 
 
+DEFAULT_KEY_ENV = "DELIBERATE_RAY_API_KEY"
+
+
 class ServeConfig(StrictModel):
     """`deliberate-ray serve`: models by name, where to listen, batching and scaling.
 
@@ -297,7 +300,12 @@ class ServeConfig(StrictModel):
     models: dict[str, str] = Field(default_factory=dict)
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
-    api_key_env: str | None = None
+    # The environment variable holding the API key; every request needs it as a Bearer
+    # token. Serving fails closed: the variable unset or empty is an error, unless `no_auth`
+    # (`--no-auth`) says explicitly to serve without authentication (with a warning). The
+    # pipeline sets a fresh key for its own run when the variable is unset.
+    api_key_env: str | None = Field(default=DEFAULT_KEY_ENV, min_length=1)
+    no_auth: bool = False
     engine: Literal["auto", "hf", "vllm"] = "auto"
     max_batch_size: int = Field(default=8, ge=1)
     batch_wait_timeout_s: float = Field(default=0.002, ge=0)

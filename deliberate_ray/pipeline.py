@@ -75,6 +75,7 @@ def run_pipeline(cfg: Config) -> dict[str, Any]:
     from deliberate_ray.generate import run_generate
     from deliberate_ray.report import write_report
     from deliberate_ray.serve import shutdown, start_serve
+    from deliberate_ray.serve.launch import run_key
 
     missing = [s for s in STAGE_SECTIONS if getattr(cfg, s) is None]
     if missing:
@@ -104,22 +105,26 @@ def run_pipeline(cfg: Config) -> dict[str, Any]:
 
     def evaluate() -> dict[str, Any]:
         serve_cfg = cfg.serve.model_copy(update={"models": models})
-        url = start_serve(models, serve_cfg)
-        stopped = False
+        key_env = None if serve_cfg.no_auth else serve_cfg.api_key_env
+        ev_cfg = cfg.eval.model_copy(
+            update={"spec_variant": cfg.spec.variant, "api_key_env": key_env}
+        )
+        with run_key(serve_cfg):
+            url = start_serve(models, serve_cfg)
+            stopped = False
 
-        def stop() -> None:  # once the replies are in (graders need no endpoint), or on error
-            nonlocal stopped
-            if not stopped:
-                stopped = True
-                shutdown()
+            def stop() -> None:  # once the replies are in (graders need no endpoint), or on error
+                nonlocal stopped
+                if not stopped:
+                    stopped = True
+                    shutdown()
 
-        try:
-            ev_cfg = cfg.eval.model_copy(update={"spec_variant": cfg.spec.variant})
-            return run_eval(
-                cfg.eval.suites, url, list(models), run_dir / "eval", ev_cfg, answered=stop
-            )
-        finally:
-            stop()
+            try:
+                return run_eval(
+                    cfg.eval.suites, url, list(models), run_dir / "eval", ev_cfg, answered=stop
+                )
+            finally:
+                stop()
 
     ev = stages.run("eval", evaluate)
     summary = {

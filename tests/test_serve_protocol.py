@@ -3,6 +3,8 @@ model arguments."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from deliberate_ray.serve.protocol import (
@@ -102,6 +104,37 @@ def test_serve_and_eval_commands_reject_bad_input_before_starting(tmp_path):
          "http://127.0.0.1:9", "--model", "m", "--out", str(tmp_path)],
     )  # fmt: skip
     assert unreachable.exit_code == 2 and "cannot reach" in unreachable.output
+
+
+def test_serving_fails_closed_without_a_key(monkeypatch, caplog):
+    """An unset or empty key variable stops `serve` with exit 2 before anything starts;
+    only --no-auth serves without a key, and says so."""
+    from typer.testing import CliRunner
+
+    from deliberate_ray.cli import app
+    from deliberate_ray.config import ServeConfig
+    from deliberate_ray.serve.launch import api_key_digest, run_key
+
+    runner = CliRunner()
+    monkeypatch.delenv("DELIBERATE_RAY_API_KEY", raising=False)
+    unset = runner.invoke(app, ["serve", "--model", "tiny-random"])
+    assert unset.exit_code == 2 and "DELIBERATE_RAY_API_KEY, which is not set" in unset.output
+    assert "--no-auth" in unset.output
+    monkeypatch.setenv("MY_KEY", "  ")
+    empty = runner.invoke(app, ["serve", "--model", "tiny-random", "--api-key-env", "MY_KEY"])
+    assert empty.exit_code == 2 and "MY_KEY, which is not set or empty" in empty.output
+    with caplog.at_level("WARNING"):
+        assert api_key_digest(ServeConfig(no_auth=True)) is None
+    assert "WITHOUT authentication" in caplog.text
+    monkeypatch.setenv("MY_KEY", "k3y")
+    assert api_key_digest(ServeConfig(api_key_env="MY_KEY")) == key_digest("k3y")
+    # The pipeline's own server: a fresh key while it runs, where none is set.
+    with run_key(ServeConfig()):
+        fresh = os.environ["DELIBERATE_RAY_API_KEY"]
+        assert len(fresh) >= 32 and api_key_digest(ServeConfig()) == key_digest(fresh)
+    assert "DELIBERATE_RAY_API_KEY" not in os.environ
+    with run_key(ServeConfig(api_key_env="MY_KEY")):
+        assert os.environ["MY_KEY"] == "k3y"  # the user's key is kept
 
 
 def test_check_api_key():

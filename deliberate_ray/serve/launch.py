@@ -3,11 +3,14 @@ call (the pipeline serves the base model and the trained arms side by side, then
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import secrets
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from deliberate_ray.config import ServeConfig
@@ -27,13 +30,44 @@ def resolve_engine(cfg: ServeConfig) -> str:
 
 
 def api_key_digest(cfg: ServeConfig) -> str | None:
-    if not cfg.api_key_env:
+    """The digest of the API key the app checks; fails closed: no key is an error unless
+    `no_auth` asks for an unauthenticated server explicitly."""
+    if cfg.no_auth:
+        log.warning(
+            "serving WITHOUT authentication (--no-auth): anyone who reaches the port can use it"
+        )
         return None
-    key = os.environ.get(cfg.api_key_env)
+    var = cfg.api_key_env
+    key = os.environ.get(var, "").strip() if var else ""
     if not key:
-        log.warning("%s is not set: serving without authentication", cfg.api_key_env)
-        return None
+        where = (
+            f"serve.api_key_env names {var}, which is not set or empty"
+            if var
+            else ("serve.api_key_env is null")
+        )
+        var = var or "DELIBERATE_RAY_API_KEY"
+        raise ValueError(
+            f"no API key: {where} -> export the key first (e.g. `export {var}=$(openssl rand "
+            "-hex 32)`) or pass --no-auth (serve.no_auth: true) to serve without authentication"
+        )
     return key_digest(key)
+
+
+@contextlib.contextmanager
+def run_key(cfg: ServeConfig) -> Iterator[None]:
+    """For a server the run starts and asks itself (the pipeline): a fresh random key in
+    `cfg.api_key_env` while the block runs, where the variable is unset; a key the user set
+    is used as it is."""
+    var = cfg.api_key_env
+    if cfg.no_auth or not var or os.environ.get(var, "").strip():
+        yield
+        return
+    os.environ[var] = secrets.token_urlsafe(32)
+    log.info("serve: a fresh API key for this run in $%s (never written anywhere)", var)
+    try:
+        yield
+    finally:
+        os.environ.pop(var, None)
 
 
 def build_app(models: dict[str, str], cfg: ServeConfig) -> Any:
