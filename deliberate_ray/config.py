@@ -442,6 +442,10 @@ class PipelineConfig(StrictModel):
         default_factory=lambda: [ArmConfig(name="cot", variant="cot")], min_length=1
     )
     compare_base: bool = True
+    # Train the arms at the same time, each on its own Ray Train workers (the cluster must
+    # hold all of them at once): on a small machine their start-up (data, worker processes,
+    # model load) overlaps; on a cluster they share the GPUs.
+    parallel_arms: bool = False
 
     @field_validator("arms")
     @classmethod

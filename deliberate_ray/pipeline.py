@@ -70,6 +70,20 @@ def train_arm(cfg: Config, stages: Stages, arm: ArmConfig, tuples: str) -> dict[
     )
 
 
+def train_arms(
+    cfg: Config, stages: Stages, pipe: PipelineConfig, tuples: str
+) -> dict[str, dict[str, Any]]:
+    """Every arm, one after another or (`parallel_arms`) at the same time in threads, each
+    its own Ray Train run; results in the arms' order, the first failure raised."""
+    if not pipe.parallel_arms or len(pipe.arms) < 2:
+        return {arm.name: train_arm(cfg, stages, arm, tuples) for arm in pipe.arms}
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(pipe.arms), thread_name_prefix="arm") as pool:
+        futures = {a.name: pool.submit(train_arm, cfg, stages, a, tuples) for a in pipe.arms}
+        return {name: f.result() for name, f in futures.items()}
+
+
 def run_pipeline(cfg: Config) -> dict[str, Any]:
     from deliberate_ray.evals import run_eval
     from deliberate_ray.generate import run_generate
@@ -99,7 +113,7 @@ def run_pipeline(cfg: Config) -> dict[str, Any]:
         raise RuntimeError(
             f"generation kept no tuples (see {gen['output_dir']}/stats.json); nothing to train on"
         )
-    trained = {arm.name: train_arm(cfg, stages, arm, gen["tuples"]) for arm in pipe.arms}
+    trained = train_arms(cfg, stages, pipe, gen["tuples"])
     models = {"base": cfg.train.model} if pipe.compare_base else {}
     models |= {name: t["export_dir"] for name, t in trained.items()}
 

@@ -97,7 +97,12 @@ def pipeline_config(tmp: Path, teacher: str, student: str) -> Config:
                 "bootstrap": 200,
             },
             "pipeline": {
-                "arms": [{"name": "cot", "variant": "cot"}, {"name": "no_cot", "variant": "no_cot"}]
+                "arms": [
+                    {"name": "cot", "variant": "cot"},
+                    {"name": "no_cot", "variant": "no_cot"},
+                ],
+                # Both arms train at once (2 + 2 workers on the 4-CPU test cluster).
+                "parallel_arms": True,
             },
         }
     )
