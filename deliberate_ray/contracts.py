@@ -1,4 +1,4 @@
-"""Arrow schemas of the data contracts (DESIGN.md, "Data contracts"), and id hashing.
+"""Arrow schemas of the data contracts (README, "Running each stage alone"), and id hashing.
 
 Every stage writes exactly these columns, so a stage can run alone on another stage's
 Parquet output, and tests can check outputs column by column.

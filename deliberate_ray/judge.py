@@ -1,5 +1,5 @@
 """G_RM, the judge: programmatic checks, an LLM judge run k times (score = minimum), and
-best-of-n selection above a threshold (DESIGN.md, step 3).
+best-of-n selection above a threshold (docs/generate.md).
 
 Checks gate samples (when `judge.programmatic`); the score is the LLM judge's minimum over
 its k runs when it is enabled, else the checks' own score (10, or 7 when only the style

@@ -2,7 +2,7 @@
 
 The full detailed policies of all categories do not fit one context, so the teacher and the
 judge see the overview, the style guides, one-line summaries of every category and the
-detailed policies of the prompt's own category only (DESIGN.md, step 1).
+detailed policies of the prompt's own category only (docs/spec-format.md).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Engines: one row contract (see `rows`), three back ends (DESIGN.md, "Engines").
+"""Engines: one row contract (see `rows`), three back ends (docs/generate.md, "Engines").
 
 `apply_engine(ds, cfg, keep)` takes a Dataset whose rows hold `messages` and
 `sampling_params` and returns a lazy Dataset of the `keep` columns plus `generated_text`,

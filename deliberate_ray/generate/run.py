@@ -1,4 +1,4 @@
-"""The generate stage on Ray Data (DESIGN.md steps 1-4, up to the tuples).
+"""The generate stage on Ray Data (docs/generate.md: the method up to the tuples).
 
 prompts -> n teacher requests each (spec in context) -> teacher engine -> parse + checks
 -> k judge requests per gated sample -> judge engine -> read scores: one lazy Dataset.
