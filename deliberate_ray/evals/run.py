@@ -181,8 +181,7 @@ def answer_and_grade(
 
     The models answer one after another, each model's requests all in flight together: on
     a small machine each served model is an engine of its own, and two busy engines fight
-    for the same cores (the demo's base and cot engines answered their 96 prompts each in
-    200 s together, in 127 s one after the other). The graders run once every reply is in,
+    for the same cores (bench/serve_models_at_once.py). The graders run once every reply is in,
     after `answered()` (the pipeline shuts its Serve app down there, freeing the engines'
     memory and cores for the classifier)."""
     from ray.data import ActorPoolStrategy
