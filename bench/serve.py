@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import os
+import secrets
 import socket
 import statistics
 import time
@@ -49,7 +50,9 @@ class Paths:
         self.engine = engine
         self.url = url
         self.max_tokens = max_tokens
-        self.clients = [httpx.Client(timeout=120) for _ in range(concurrency)]
+        key = os.environ[ServeConfig().api_key_env or ""]  # main() sets it
+        auth = {"Authorization": f"Bearer {key}"}  # as a user's client sends it
+        self.clients = [httpx.Client(timeout=120, headers=auth) for _ in range(concurrency)]
         self.pool = concurrent.futures.ThreadPoolExecutor(concurrency)
 
     def in_process(self, first: int, c: int) -> list[float]:
@@ -114,6 +117,7 @@ def main() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    os.environ.setdefault(ServeConfig().api_key_env or "", secrets.token_urlsafe(32))
     cfg = ServeConfig(
         engine="hf",
         port=port,

@@ -51,6 +51,7 @@ import json
 import math
 import os
 import platform
+import secrets
 import signal
 import socket
 import statistics
@@ -559,7 +560,13 @@ class Bench:
         a = self.args
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
         loop = asyncio.new_event_loop()
-        client = httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=16))
+        var = ServeConfig().api_key_env or ""
+        os.environ.setdefault(var, secrets.token_urlsafe(32))  # serving fails closed
+        client = httpx.AsyncClient(
+            timeout=600,
+            limits=httpx.Limits(max_connections=16),
+            headers={"Authorization": f"Bearer {os.environ[var]}"},
+        )
         worker = None
         served = False
         try:
