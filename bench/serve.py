@@ -22,7 +22,7 @@ import time
 
 import httpx
 
-from deliberate_ray.config import ServeConfig
+from deliberate_ray.config import DEFAULT_KEY_ENV, ServeConfig
 from deliberate_ray.engines.hf import GenRequest, HFGenerator
 
 PROMPTS = [
@@ -50,7 +50,7 @@ class Paths:
         self.engine = engine
         self.url = url
         self.max_tokens = max_tokens
-        key = os.environ[ServeConfig().api_key_env or ""]  # main() sets it
+        key = os.environ[DEFAULT_KEY_ENV]  # main() sets it
         auth = {"Authorization": f"Bearer {key}"}  # as a user's client sends it
         self.clients = [httpx.Client(timeout=120, headers=auth) for _ in range(concurrency)]
         self.pool = concurrent.futures.ThreadPoolExecutor(concurrency)
@@ -117,7 +117,7 @@ def main() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    os.environ.setdefault(ServeConfig().api_key_env or "", secrets.token_urlsafe(32))
+    os.environ.setdefault(DEFAULT_KEY_ENV, secrets.token_urlsafe(32))  # serving fails closed
     cfg = ServeConfig(
         engine="hf",
         port=port,

@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from deliberate_ray.config import load_config  # noqa: E402
+from deliberate_ray.config import DEFAULT_KEY_ENV, load_config  # noqa: E402
 
 
 async def ask(url: str, key: str, model: str, rows: list[dict], max_tokens: int) -> dict:
@@ -73,8 +73,7 @@ def main() -> None:
     models = {"base": "embedded:smollm2-135m-instruct", name: path}
     cfg = load_config(a.config).serve
     assert cfg is not None
-    key = secrets.token_urlsafe(32)
-    os.environ[cfg.api_key_env or "DELIBERATE_RAY_API_KEY"] = key
+    key = os.environ.setdefault(cfg.api_key_env or DEFAULT_KEY_ENV, secrets.token_urlsafe(32))
     rows = [json.loads(line) for line in Path(a.suite).open()]
     t0 = time.perf_counter()
     url = start_serve(models, cfg)

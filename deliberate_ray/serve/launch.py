@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from deliberate_ray.config import ServeConfig
+from deliberate_ray.config import DEFAULT_KEY_ENV, ServeConfig
 from deliberate_ray.models import resolve_model
 from deliberate_ray.serve.protocol import MODEL_NAME, key_digest
 
@@ -43,9 +43,9 @@ def api_key_digest(cfg: ServeConfig) -> str | None:
         where = (
             f"serve.api_key_env names {var}, which is not set or empty"
             if var
-            else ("serve.api_key_env is null")
+            else "serve.api_key_env is null"
         )
-        var = var or "DELIBERATE_RAY_API_KEY"
+        var = var or DEFAULT_KEY_ENV
         raise ValueError(
             f"no API key: {where} -> export the key first (e.g. `export {var}=$(openssl rand "
             "-hex 32)`) or pass --no-auth (serve.no_auth: true) to serve without authentication"
@@ -118,9 +118,11 @@ def wait_until_interrupted() -> None:
 
 
 def shutdown() -> None:
-    """Delete our app; stop Serve too when no other app is left on the cluster."""
+    """Delete our app; stop Serve too when no other app is left on the cluster. Safe to call
+    again (the pipeline stops the app once the replies are in, and again on its way out)."""
     from ray import serve
 
-    serve.delete(APP_NAME)
+    if APP_NAME in serve.status().applications:
+        serve.delete(APP_NAME)
     if not serve.status().applications:
         serve.shutdown()
