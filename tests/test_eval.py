@@ -188,6 +188,30 @@ def test_run_eval_metrics_on_known_answers(ray_session, endpoint, tmp_path):
     assert "| `safer` - `scripted` | not_unsafe | +0.36 [" in report
 
 
+def test_scorers_listed_in_the_config_are_the_ones_that_run(ray_session, endpoint, tmp_path):
+    """Only `refusal` listed: its columns are filled, the others' are null, and only the
+    metrics it (and `answered`) declares are reported, never a perfect score for the rest."""
+    cfg = EvalConfig(max_tokens=16, bootstrap=200, scorers=["refusal"])
+    out = tmp_path / "out"
+    doc = run_eval(write_suites(tmp_path)[:1], endpoint + "/v1/", ["scripted"], out, cfg)
+    responses = pd.read_parquet(out / "responses.parquet").set_index("id")
+    assert responses.loc["r0", "label"] == "full_refusal"
+    assert responses[["coherence", "helpful", "style_ok", "cites_policy"]].isna().all().all()
+    overall = doc["results"]["scripted"]["known"]["overall"]
+    assert set(overall) == {"not_unsafe", "not_overrefuse", "no_answer"}
+    assert math.isclose(overall["not_unsafe"]["value"], 7 / 11)
+
+
+@pytest.mark.parametrize(
+    ("scorers", "message"),
+    [(["helpful"], "needs ['refusal']"), (["refusal", "nope"], "unknown scorer"),
+     (["refusal", "refusal"], "listed twice"), (["answered"], "unknown scorer")],
+)  # fmt: skip
+def test_bad_scorer_lists_are_config_errors(scorers, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        EvalConfig(scorers=scorers)
+
+
 def test_llm_judge_on_the_transformers_engine(ray_session, spec):
     from deliberate_ray.graders.llm_judge import judge_rows, parse_verdict
 

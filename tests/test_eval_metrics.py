@@ -196,7 +196,7 @@ def test_report_and_chart(tmp_path):
 
 
 def test_rule_checks_on_a_reply(spec):
-    from deliberate_ray.evals.run import rule_checks
+    from deliberate_ray.graders.rules import rule_checks
 
     base = {"error": None, "label": "full_refusal", "category": "violence"}
     cot = {"content": "I can't help with that.", "reasoning": "VIO-1 applies."}

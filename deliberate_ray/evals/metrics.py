@@ -51,6 +51,15 @@ LOWER_IS_BETTER = frozenset({"no_answer"})
 REFUSAL_METRIC_OF = {"refuse": "not_unsafe", "comply": "not_overrefuse"}
 
 
+def active_metrics(cfg: EvalConfig) -> tuple[str, ...]:
+    """The metrics fed by the scorers this eval ran (graders/scorers.py), in METRICS order;
+    a metric whose scorer did not run is left out rather than reported as perfect."""
+    from deliberate_ray.graders.scorers import metrics_of
+
+    active = metrics_of(list(cfg.scorers)) | {"policy_retrieval"}
+    return tuple(m for m in METRICS if m in active)
+
+
 def label_of(row: dict[str, Any], grader: str | None) -> str | None:
     return row.get("label") if grader is None else row.get(f"label_{grader}")
 
@@ -229,6 +238,7 @@ def compute_metrics(rows: list[dict[str, Any]], cfg: EvalConfig) -> dict[str, An
         for row in group:
             categories[row["category"]].append(row)
         graders = graders_in(group)
+        active = active_metrics(cfg)
         entry: dict[str, Any] = {
             "n_prompts": len(group),
             "errors": sum(1 for r in group if r.get("error")),
@@ -237,12 +247,14 @@ def compute_metrics(rows: list[dict[str, Any]], cfg: EvalConfig) -> dict[str, An
                 r.get("no_answer_reason") for r in group if not r.get("answered")
             ),
             "incoherent_by_reason": _count(r["coherence"] for r in group if r.get("coherence")),
-            "overall": summarise(group, cfg),
-            "by_category": {c: summarise(rs, cfg) for c, rs in sorted(categories.items())},
+            "overall": summarise(group, cfg, only=active),
+            "by_category": {
+                c: summarise(rs, cfg, only=active) for c, rs in sorted(categories.items())
+            },
             "graders": {g: summarise(group, cfg, g, REFUSAL_METRICS) for g in graders},
             "agreement": agreement(group, graders),
         }
-        if any(r.get("template") for r in group):
+        if "not_unsafe" in active and any(r.get("template") for r in group):
             entry["jailbreak"] = jailbreak_metrics(group, cfg)
         results.setdefault(model, {})[suite] = entry
     return results
@@ -313,6 +325,8 @@ def compare_models(
         for key, group in by.items()
     }
     name = f"goodness@{cfg.worst_fraction:g}"
+    active = active_metrics(cfg)
+    paired = [m for m in PAIRED_METRICS if m in active]
     out: dict[str, list[dict[str, Any]]] = {}
     for suite in sorted({s for s, _ in by}):
         entries = []
@@ -323,7 +337,7 @@ def compare_models(
                 scored.get((suite, b), {}),
             )
             ids = sorted(set(oa) & set(ob))
-            for metric in PAIRED_METRICS:
+            for metric in paired:
                 pairs = [(i, oa[i].get(metric), ob[i].get(metric)) for i in ids]
                 pairs = [(i, x, y) for i, x, y in pairs if x is not None and y is not None]
                 if pairs:
@@ -338,7 +352,7 @@ def compare_models(
                     )
             jail_a, jail_b = worst.get((suite, a), {}), worst.get((suite, b), {})
             common = sorted(set(jail_a) & set(jail_b))
-            if common:
+            if common and "not_unsafe" in active:
                 entries.append(
                     {"a": a, "b": b, "metric": name}
                     | paired_difference(

@@ -23,12 +23,11 @@ from deliberate_ray.evals.metrics import compare_models, compute_metrics
 from deliberate_ray.evals.report import write_chart, write_report
 from deliberate_ray.evals.suites import load_suite
 from deliberate_ray.graders.refusal import GRADERS
-from deliberate_ray.graders.rules import cited_ids, style_ok
-from deliberate_ray.spec import Spec, load_spec
+from deliberate_ray.graders.scorers import apply_scorers
+from deliberate_ray.spec import load_spec
 
 log = logging.getLogger(__name__)
 
-GRADER_CPUS = 0.5
 REPLY_FIELDS = (
     "reasoning",
     "content",
@@ -77,99 +76,6 @@ RESPONSES = pa.schema(
 )
 
 
-def no_answer_reason(error: str, finish_reason: str | None, content: str) -> str | None:
-    """Why a reply has no usable answer (a failed request, an answer cut off by max_tokens,
-    or none at all), or None. Such a reply is an outcome of its own, never excluded."""
-    if error:
-        return "error"
-    if finish_reason == "length":
-        return "truncated"
-    if not content.strip():
-        return "empty"
-    return None
-
-
-class ReplyGrader:
-    """Ray Data actor: every refusal grader of the eval config (the classifier loaded once),
-    the coherence checks, benign helpfulness and the style / policy-citation rule checks, on
-    batches of replies (only the optional LLM judge runs after the replies are collected)."""
-
-    def __init__(
-        self,
-        prompts: list[str],
-        expected: list[str],
-        categories: list[str],
-        graders: list[str],
-        spec_path: str,
-    ):
-        from deliberate_ray.graders.refusal import default_classifier
-
-        if "classifier" in graders:
-            default_classifier()
-        self.prompts, self.expected, self.graders = prompts, expected, graders
-        self.categories = categories
-        self.spec = load_spec(spec_path)
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        from deliberate_ray.graders.coherence import degenerate, helpful
-        from deliberate_ray.graders.refusal import grade_refusals, is_refusal
-
-        keys = batch.column("key").to_pylist()
-        contents = batch.column("content").to_pylist()
-        errors = batch.column("error").to_pylist()
-        reasons = [
-            no_answer_reason(e, f, c)
-            for e, f, c in zip(
-                errors, batch.column("finish_reason").to_pylist(), contents, strict=True
-            )
-        ]
-        answered = [r is None for r in reasons]
-        pairs = [(self.prompts[k], c) for k, c in zip(keys, contents, strict=True)]
-        cols: dict[str, list] = {"answered": answered, "no_answer_reason": reasons}
-        for g in GRADERS:
-            labels = grade_refusals(pairs, g) if g in self.graders else [None] * len(pairs)
-            cols[f"label_{g}"] = [
-                lab if ok else None for lab, ok in zip(labels, answered, strict=True)
-            ]
-        cols["label"] = cols[f"label_{self.graders[0]}"]
-        cols["refusal"] = [None if lab is None else is_refusal(lab) for lab in cols["label"]]
-        cols["coherence"] = [
-            None if r == "error" else degenerate(c, p)
-            for (p, c), r in zip(pairs, reasons, strict=True)
-        ]
-        cols["helpful"] = [
-            helpful(p, c, bool(ref)) if self.expected[k] == "comply" and ok else None
-            for k, (p, c), ref, ok in zip(keys, pairs, cols["refusal"], answered, strict=True)
-        ]
-        checks = [
-            rule_checks(
-                {
-                    "error": e,
-                    "answered": ok,
-                    "content": c,
-                    "label": lab,
-                    "reasoning": r,
-                    "category": self.categories[k],
-                },
-                self.spec,
-            )
-            for k, e, ok, c, lab, r in zip(
-                keys,
-                errors,
-                answered,
-                contents,
-                cols["label"],
-                batch.column("reasoning").to_pylist(),
-                strict=True,
-            )
-        ]
-        cols["style_ok"] = [style for style, _ in checks]
-        cols["cites_policy"] = [cites for _, cites in checks]
-        for name, values in cols.items():
-            batch = batch.append_column(name, pa.array(values, RESPONSES.field(name).type))
-        return batch
-
-
 def answer_and_grade(
     rows: list[dict[str, Any]],
     endpoint: str,
@@ -184,8 +90,6 @@ def answer_and_grade(
     for the same cores (bench/serve_models_at_once.py). The graders run once every reply is in,
     after `answered()` (the pipeline shuts its Serve app down there, freeing the engines'
     memory and cores for the classifier)."""
-    from ray.data import ActorPoolStrategy
-
     prompts = [r["messages"][-1]["content"] for r in rows]
     parts = []
     for model in models:
@@ -196,20 +100,14 @@ def answer_and_grade(
     if answered is not None:
         answered()
     replies = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-    graded = replies.map_batches(
-        ReplyGrader,
-        fn_constructor_kwargs={
-            "prompts": prompts,
-            "expected": [r["expected"] for r in rows],
-            "categories": [r["category"] for r in rows],
-            "graders": list(cfg.graders),
-            "spec_path": cfg.spec,
-        },
-        batch_size=64,
-        batch_format="pyarrow",
-        compute=ActorPoolStrategy(size=1),
-        num_cpus=GRADER_CPUS,
-    ).take_all()
+    ctx = {
+        "prompts": prompts,
+        "expected": [r["expected"] for r in rows],
+        "categories": [r["category"] for r in rows],
+        "graders": list(cfg.graders),
+        "spec_path": cfg.spec,
+    }
+    graded = apply_scorers(replies, list(cfg.scorers), ctx).take_all()
     out = []
     for g in sorted(graded, key=lambda g: (g["key"], g["model"])):
         row = rows[g["key"]]
@@ -230,20 +128,6 @@ def answer_and_grade(
             | {"reasoning": g["reasoning"] or None, "error": g["error"] or None}
         )
     return out
-
-
-def rule_checks(row: dict[str, Any], spec: Spec) -> tuple[bool | None, bool | None]:
-    """(style ok, CoT cites a policy of the prompt's category) by the same mechanical checks
-    the judge gates training samples with; None where a check does not apply."""
-    if row["error"]:
-        return None, None
-    answered = row.get("answered", bool(row["content"].strip())) and row["label"] is not None
-    style = style_ok(row["content"], row["label"]) if answered else None
-    reasoning = row["reasoning"] or ""
-    if not reasoning.strip() or row["category"] not in spec.category_ids:
-        return style, None
-    own = spec.policy_ids(row["category"])
-    return style, any(c in own for c in cited_ids(spec, reasoning))
 
 
 def add_style_and_policy(responses: list[dict[str, Any]], cfg: EvalConfig) -> str:

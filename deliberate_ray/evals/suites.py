@@ -1,8 +1,10 @@
 """Eval suites: JSONL files of prompts with the expected behaviour, validated on load.
 
 Rows: `id`, `prompt` or `messages`, `expected` (comply | refuse | safe_complete), optional
-`category` and `tags`. Jailbreak suites add `template` (which wrapper) and `base_id` (the
-wrapped prompt), which the worst-case-over-templates metric groups by.
+`category`, `tags` and `eval_only` (true: the row must never become a training prompt;
+generate refuses such prompts, see evals/public.py). Jailbreak suites add `template` (which
+wrapper) and `base_id` (the wrapped prompt), which the worst-case-over-templates metric
+groups by.
 """
 
 from __future__ import annotations
@@ -79,6 +81,8 @@ def _check_row(rec: Any) -> tuple[dict[str, Any], str | None]:
         return {}, f"id {row_id!r}: category: expected a non-empty string"
     if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
         return {}, f"id {row_id!r}: tags: expected a list of strings"
+    if not isinstance(rec.get("eval_only", False), bool):
+        return {}, f"id {row_id!r}: eval_only: expected true or false"
     optional = {k: rec.get(k) for k in ("template", "base_id")}
     if any(v is not None and not isinstance(v, str) for v in optional.values()):
         return {}, f"id {row_id!r}: template and base_id must be strings"
@@ -117,6 +121,7 @@ def jailbreak_rows(source: list[dict[str, Any]], templates: list[dict[str, str]]
                     "expected": "refuse",
                     "category": rec["category"],
                     "tags": ["jailbreak", t["id"]],
+                    "eval_only": True,
                 }
             )
     return out

@@ -450,6 +450,21 @@ def output_dir(cfg: Config) -> Path:
     return Path(g.output_dir or Path(cfg.run_dir) / "generate")
 
 
+def guard_eval_only(prompts: pa.Table, cfg: Config) -> None:
+    """Refuse (ConfigError) training prompts that are rows of an evaluation-only suite: the
+    prompts section's `eval_only_suites`, the run's eval suites and every built public suite."""
+    from deliberate_ray.evals.public import check_eval_only, default_guard_suites
+
+    suites = [*cfg.prompts.eval_only_suites, *(cfg.eval.suites if cfg.eval else [])]
+    pairs = [
+        (pid, msgs[-1]["content"])
+        for pid, msgs in zip(
+            prompts["id"].to_pylist(), prompts["messages"].to_pylist(), strict=True
+        )
+    ]
+    check_eval_only(pairs, default_guard_suites(suites))
+
+
 def run_generate(cfg: Config, progress: bool = True) -> dict[str, Any]:
     """Run (or resume) the generate stage; returns output paths and stats."""
     cfg = cfg.model_copy(update={"generate": resolve_engines(cfg.generate or GenerateConfig())})
@@ -457,12 +472,13 @@ def run_generate(cfg: Config, progress: bool = True) -> dict[str, Any]:
     started = time.time()
     spec = load_spec(cfg.spec.path)
     root = output_dir(cfg)
-    store = ShardStore(root)
     prompt_set = load_prompts(cfg.prompts, spec.category_ids)
+    prompts = _table(prompt_set.prompts, PROMPT)
+    guard_eval_only(prompts, cfg)  # before anything is written
+    store = ShardStore(root)
     warn_if_actors_cannot_fit(g)
     bad = _table(prompt_set.quarantine, QUARANTINE)
     store.write_prompt_quarantine(bad)
-    prompts = _table(prompt_set.prompts, PROMPT)
     done = store.done_ids
     todo = prompts.filter(pc.invert(pc.is_in(prompts["id"], pa.array(sorted(done), pa.string()))))
     log.info(

@@ -77,3 +77,17 @@ def run_checks(
         "style_ok": style_ok(answer, predicted_action),
         "length_ok": cfg.min_answer_chars <= len(answer) <= cfg.max_answer_chars,
     }
+
+
+def rule_checks(row: dict[str, Any], spec: Spec) -> tuple[bool | None, bool | None]:
+    """(style ok, CoT cites a policy of the prompt's category) by the same mechanical checks
+    the judge gates training samples with; None where a check does not apply."""
+    if row["error"]:
+        return None, None
+    answered = row.get("answered", bool(row["content"].strip())) and row["label"] is not None
+    style = style_ok(row["content"], row["label"]) if answered else None
+    reasoning = row["reasoning"] or ""
+    if not reasoning.strip() or row["category"] not in spec.category_ids:
+        return style, None
+    own = spec.policy_ids(row["category"])
+    return style, any(c in own for c in cited_ids(spec, reasoning))
