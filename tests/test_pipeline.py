@@ -12,7 +12,7 @@ import pytest
 from test_generate import PROMPTS, scripted_model  # noqa: F401  (fixture)
 
 from deliberate_ray.config import Config
-from deliberate_ray.pipeline import run_pipeline, summary_table
+from deliberate_ray.pipeline import StaleStage, run_pipeline, summary_table
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.ray
@@ -159,3 +159,8 @@ def test_pipeline_end_to_end_and_rerun_skips(
     assert again["generate"]["skipped"] and again["eval"]["skipped"]
     assert all(t["skipped"] for t in again["train"].values())
     assert again["eval"]["results"] == ev["results"]
+    # A changed eval config makes the eval stage stale: refused (before any Serve app starts)
+    # unless forced; the stages before it still match and are skipped.
+    changed = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"bootstrap": 101})})
+    with pytest.raises(StaleStage, match="stage eval.*--force"):
+        run_pipeline(changed)

@@ -8,6 +8,7 @@ spec, and commits finished prompts shard by shard (see `store`), so a rerun resu
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -465,17 +466,50 @@ def guard_eval_only(prompts: pa.Table, cfg: Config) -> None:
     check_eval_only(pairs, default_guard_suites(suites))
 
 
-def run_generate(cfg: Config, progress: bool = True) -> dict[str, Any]:
-    """Run (or resume) the generate stage; returns output paths and stats."""
-    cfg = cfg.model_copy(update={"generate": resolve_engines(cfg.generate or GenerateConfig())})
+def resume_key(cfg: Config, spec_sha: str) -> str:
+    """What a generated row depends on besides its prompt: the spec (its sha and variant),
+    the teacher (model, sampling, format, examples) and the judge. Engine throughput
+    settings (batch size, concurrency, ...) are left out: they change no row."""
     g: GenerateConfig = cfg.generate  # type: ignore[assignment]
-    started = time.time()
+    teacher = g.teacher.model_dump(mode="json", exclude={"engine"})
+    judge = g.judge.model_dump(mode="json", exclude={"llm": {"engine"}})
+    blob = {
+        "spec_sha": spec_sha,
+        "variant": cfg.spec.variant,
+        "teacher": teacher | {"model": g.teacher.engine.label},
+        "judge": judge | {"llm_model": g.judge.llm.engine.label if g.judge.llm.enabled else None},
+    }
+    text = json.dumps(blob, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def run_generate(cfg: Config, progress: bool = True, fresh: bool = False) -> dict[str, Any]:
+    """Run (or resume) the generate stage; returns output paths and stats. Resuming needs
+    the same spec, teacher and judge (`resume_key`); `fresh` deletes earlier output first."""
+    from deliberate_ray.runlock import RunLock
+
+    cfg = cfg.model_copy(update={"generate": resolve_engines(cfg.generate or GenerateConfig())})
     spec = load_spec(cfg.spec.path)
     root = output_dir(cfg)
     prompt_set = load_prompts(cfg.prompts, spec.category_ids)
     prompts = _table(prompt_set.prompts, PROMPT)
     guard_eval_only(prompts, cfg)  # before anything is written
-    store = ShardStore(root)
+    with RunLock(root, "generate"):
+        store = ShardStore(root, resume_key(cfg, spec.sha), fresh=fresh)
+        return _generate(cfg, spec, root, store, prompt_set, prompts, progress)
+
+
+def _generate(
+    cfg: Config,
+    spec: Spec,
+    root: Path,
+    store: ShardStore,
+    prompt_set: Any,
+    prompts: pa.Table,
+    progress: bool,
+) -> dict[str, Any]:
+    g: GenerateConfig = cfg.generate  # type: ignore[assignment]
+    started = time.time()
     warn_if_actors_cannot_fit(g)
     bad = _table(prompt_set.quarantine, QUARANTINE)
     store.write_prompt_quarantine(bad)
@@ -525,6 +559,7 @@ def run_generate(cfg: Config, progress: bool = True) -> dict[str, Any]:
         "stats": stats,
         "teacher": g.teacher.engine.label,
         "judge": Finisher.judge_label(g),
+        "resume_key": store.key,
     }
 
 

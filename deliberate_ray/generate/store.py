@@ -20,6 +20,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from deliberate_ray.config import ConfigError
 from deliberate_ray.contracts import JUDGED, QUARANTINE, TUPLE
 
 TABLES: dict[str, pa.Schema] = {"tuples": TUPLE, "samples": JUDGED, "quarantine": QUARANTINE}
@@ -36,14 +37,37 @@ def _atomic_write(path: Path, data: bytes | pa.Table) -> None:
     os.replace(tmp, path)
 
 
-class ShardStore:
-    """Resumable, shard-by-shard writer of the generate outputs."""
+class StaleOutput(ConfigError):
+    """The folder holds shards made with another spec, teacher or judge."""
 
-    def __init__(self, root: str | Path):
+
+class ShardStore:
+    """Resumable, shard-by-shard writer of the generate outputs.
+
+    `key` names what made the rows (spec_sha, teacher, judge: `generate.run.resume_key`).
+    Every commit records it; a folder holding commits of another key is refused
+    (StaleOutput) rather than resumed, so old and new tuples never mix. `fresh=True`
+    deletes them first."""
+
+    def __init__(self, root: str | Path, key: str = "", fresh: bool = False):
         self.root = Path(root)
+        self.key = key
+        if fresh:
+            self.clear()
         for name in [*TABLES, COMMITS]:
             (self.root / name).mkdir(parents=True, exist_ok=True)
         self.commits = self._read_commits()
+        other = sorted({c.get("key", "(none)") for c in self.commits.values()} - {key})
+        if key and other:
+            n = sum(1 for c in self.commits.values() if c.get("key", "(none)") != key)
+            raise StaleOutput(
+                str(self.root),
+                [
+                    f"{n} committed shards were generated with another spec, teacher or judge "
+                    f"(resume key {', '.join(other)}; this config: {key}); use another "
+                    "output_dir, or pass --fresh to delete them and start again",
+                ],
+            )
         self._remove_uncommitted()
         self.run_tag = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         self.seq = 0
@@ -62,6 +86,15 @@ class ShardStore:
                     shard not in self.commits and shard != PROMPTS_SHARD
                 ):
                     f.unlink()
+
+    def clear(self) -> None:
+        """Delete every shard, commit and stats file of a previous run."""
+        import shutil
+
+        for name in [*TABLES, COMMITS]:
+            shutil.rmtree(self.root / name, ignore_errors=True)
+        for name in ("stats.json", "README.md"):
+            (self.root / name).unlink(missing_ok=True)
 
     @property
     def done_ids(self) -> set[str]:
@@ -87,7 +120,7 @@ class ShardStore:
             if tables[name]:  # no empty files: `datasets` cannot read a zero-row part
                 table = pa.Table.from_pylist(tables[name], schema=schema)
                 _atomic_write(self.root / name / f"part-{shard}.parquet", table)
-        record = {"shard": shard, "ids": ids, "stats": stats}
+        record = {"shard": shard, "key": self.key, "ids": ids, "stats": stats}
         _atomic_write(self.root / COMMITS / f"{shard}.json", json.dumps(record).encode())
         self.commits[shard] = record
         return shard

@@ -197,7 +197,9 @@ def train_loop(config: dict[str, Any]) -> None:
     peak = peak_flops(
         torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", cfg.peak_flops
     )
-    metrics = MetricsLog(Path(plan.out_dir) / "metrics.jsonl" if rank == 0 else None)
+    metrics = MetricsLog(
+        Path(plan.out_dir) / "metrics.jsonl" if rank == 0 else None, resumed_at=state.step
+    )
     batches = micro_batches(ray.train.get_dataset_shard("train"), cfg, plan, state, device)
     while state.step < plan.stop_at:
         start = time.perf_counter()

@@ -41,12 +41,26 @@ def mfu(
 
 
 class MetricsLog:
-    """Appends one JSON line per logged step (rank 0 only) and prints a short console line."""
+    """Appends one JSON line per logged step (rank 0 only) and prints a short console line.
 
-    def __init__(self, path: Path | None):
+    `resumed_at`: the step training resumes from. Rows past it were written by a run that
+    died before its next checkpoint; those steps run again, so their old rows are dropped
+    and every step appears once in the file."""
+
+    def __init__(self, path: Path | None, resumed_at: int = 0):
         self.path = path
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            lines = path.read_text(encoding="utf-8").splitlines()
+            keep = [x for x in lines if x.strip() and json.loads(x)["step"] <= resumed_at]
+            if len(keep) != len(lines):
+                dropped = len(lines) - len(keep)
+                log.info("metrics: dropping %d rows past step %d", dropped, resumed_at)
+                tmp = path.with_name(path.name + ".tmp")
+                tmp.write_text("".join(x + "\n" for x in keep), encoding="utf-8")
+                tmp.replace(path)
 
     def write(self, row: dict[str, Any]) -> None:
         if self.path is None:
