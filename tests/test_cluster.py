@@ -92,3 +92,20 @@ def test_fits_rejects_what_no_node_offers():
     assert not fits({"GPU": 1, "accelerator_type:H200": 0.001}, nodes)
     assert not fits({"GPU": 16}, nodes)
     assert fits({"GPU": 8, "accelerator_type:A100-80G": 0.001}, nodes)
+
+
+def test_secrets_reach_nodes_by_environment_and_the_dashboard_stays_private():
+    cluster = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    head = " ".join(cluster["head_start_ray_commands"])
+    assert "--dashboard-host=0.0.0.0" not in head and "--dashboard-host=" in head
+    for cmds in (cluster["head_start_ray_commands"], cluster["worker_start_ray_commands"]):
+        assert "HF_TOKEN" in " ".join(cmds) and "DELIBERATE_RAY_API_KEY" in " ".join(cmds)
+    job = yaml.safe_load((ROOT / "k8s" / "rayjob.yaml").read_text())
+    spec = job["spec"]["rayClusterSpec"]
+    groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+    for g in groups:
+        env_from = g["template"]["spec"]["containers"][0].get("envFrom", [])
+        assert {"secretRef": {"name": "deliberate-ray-secrets", "optional": True}} in env_from
+    assert "HF_TOKEN" not in job["spec"].get("runtimeEnvYAML", "")
+    readme = (ROOT / "README.md").read_text()
+    assert '--runtime-env-json \'{"env_vars": {"HF_TOKEN"' not in readme
