@@ -197,8 +197,10 @@ def grade(
 
     from deliberate_ray.graders.refusal import grade_file
 
-    if not Path(input).exists():
-        fail(f"--input: bad value {input!r} -> file not found")
+    if not Path(input).is_file():
+        fail(f"--input: bad value {input!r} -> file not found (or not a file)")
+    if not Path(output).resolve().parent.is_dir():
+        fail(f"--output: bad value {output!r} -> its folder does not exist")
     try:
         counts = grade_file(Path(input), Path(output), batch_size)
     except ValueError as e:
@@ -239,19 +241,26 @@ def suites_check(
     ] = None,
 ) -> None:
     """Exit 2, listing ids, if any prompt is a row of an evaluation-only suite."""
+    from pathlib import Path
+
     from deliberate_ray.evals.public import check_eval_only, default_guard_suites
     from deliberate_ray.records import iter_records
 
+    missing = [p for p in [*prompts, *(suite or [])] if "://" not in p and not Path(p).is_file()]
+    if missing:
+        fail(f"file not found: {', '.join(missing)}")
     pairs = []
-    for path in prompts:
-        for n, rec in iter_records(path):
-            if isinstance(rec, dict) and isinstance(rec.get("prompt"), str):
-                pairs.append((str(rec.get("id", f"{path}:{n}")), rec["prompt"]))
-    suites = default_guard_suites(suite or [])
     try:
+        for path in prompts:
+            for n, rec in iter_records(path):
+                if isinstance(rec, dict) and isinstance(rec.get("prompt"), str):
+                    pairs.append((str(rec.get("id", f"{path}:{n}")), rec["prompt"]))
+        suites = default_guard_suites(suite or [])
         check_eval_only(pairs, suites)
     except ConfigError as e:
         fail(str(e))
+    except (OSError, ValueError) as e:  # unreadable or of an unknown format
+        fail(f"{e}")
     typer.echo(f"{len(pairs)} prompts: none is in the {len(suites)} evaluation-only suites")
 
 

@@ -1057,10 +1057,16 @@ def read_yaml(path: str | Path) -> Any:
     p = Path(path)
     if not p.exists():
         raise ConfigError(str(path), ["file not found"])
+    if not p.is_file():
+        raise ConfigError(str(path), ["not a file (a directory?)"])
     try:
         return yaml.safe_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise ConfigError(str(path), [f"not valid YAML: {e}"]) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(str(path), [f"not UTF-8 text ({e.reason} at byte {e.start})"]) from None
+    except OSError as e:
+        raise ConfigError(str(path), [f"cannot be read: {e.strerror or e}"]) from None
 
 
 def parse_model(data: Any, cls: type[M], source: str) -> M:

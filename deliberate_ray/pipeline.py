@@ -142,6 +142,16 @@ def run_pipeline(cfg: Config, force: bool = False) -> dict[str, Any]:
     """Every stage in order (see the module doc); one run per run_dir at a time."""
     from deliberate_ray.runlock import RunLock
 
+    missing = [s for s in STAGE_SECTIONS if getattr(cfg, s) is None]
+    if missing:
+        raise ConfigError(
+            "config",
+            [
+                f"{s}: missing section -> the pipeline runs every stage, "
+                "add it (see configs/demo.yaml)"
+                for s in missing
+            ],
+        )
     with RunLock(Path(cfg.run_dir), "pipeline"):
         return _run_pipeline(cfg, force)
 
@@ -153,16 +163,6 @@ def _run_pipeline(cfg: Config, force: bool) -> dict[str, Any]:
     from deliberate_ray.serve import shutdown, start_serve
     from deliberate_ray.serve.launch import run_key
 
-    missing = [s for s in STAGE_SECTIONS if getattr(cfg, s) is None]
-    if missing:
-        raise ConfigError(
-            "config",
-            [
-                f"{s}: missing section -> the pipeline runs every stage, "
-                "add it (see configs/demo.yaml)"
-                for s in missing
-            ],
-        )
     assert cfg.train is not None and cfg.serve is not None and cfg.eval is not None
     pipe = cfg.pipeline or PipelineConfig()
     warn_if_same_grader(cfg)

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -54,8 +55,11 @@ def test_a_lock_without_heartbeat_is_taken_over_from_any_host(tmp_path):
 def test_pipeline_on_a_locked_run_dir_exits_2_naming_the_holder(tmp_path):
     run_dir = tmp_path / "run"
     write_lock(run_dir)  # this test process: alive
+    import yaml
+
+    demo = yaml.safe_load((Path(__file__).parents[1] / "configs" / "demo.yaml").read_text())
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(json.dumps({"run_dir": str(run_dir)}))
+    cfg.write_text(json.dumps(demo | {"run_dir": str(run_dir)}))
     result = CliRunner().invoke(app, ["pipeline", "--config", str(cfg)])
     assert result.exit_code == 2, result.output
     assert f"pid {os.getpid()}" in result.output and "Traceback" not in result.output

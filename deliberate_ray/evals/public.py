@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import logging
 import os
 import re
 from collections.abc import Iterable
@@ -28,6 +29,7 @@ from deliberate_ray.config import ConfigError
 from deliberate_ray.models import cache_dir
 
 MIN_WORDS = 5
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -185,7 +187,8 @@ def eval_only_rows(paths: Iterable[str | Path]) -> list[tuple[str, str]]:
 
     out = []
     for path in paths:
-        if not Path(path).exists():
+        if "://" not in str(path) and not Path(path).exists():
+            log.warning("eval-only guard: suite %s not found; not checked", path)
             continue
         for _, rec in iter_records(str(path)):
             if isinstance(rec, dict) and rec.get("eval_only") is True:

@@ -38,7 +38,13 @@ def load_suite(path: str | Path, limit: int | None = None) -> list[dict[str, Any
     rows: list[dict[str, Any]] = []
     errors: list[str] = []
     seen: set[str] = set()
-    for n, rec in iter_records(uri):
+    try:
+        records = iter_records(uri)
+    except UnicodeDecodeError as e:
+        raise ConfigError(uri, [f"not UTF-8 text ({e.reason} at byte {e.start})"]) from None
+    except (OSError, ValueError) as e:
+        raise ConfigError(uri, [f"cannot be read: {e}"]) from None
+    for n, rec in records:
         if isinstance(rec, json.JSONDecodeError):
             errors.append(f"line {n}: invalid JSON ({rec.msg})")
             continue

@@ -435,6 +435,8 @@ def grade_file(inp: Path, out: Path, batch_size: int = 64) -> dict[str, int]:
                 got = type(row.get(field)).__name__
                 raise ValueError(f"{inp}:{n}: {field}: expected a string, got {got}")
         rows.append(row)
+    if not rows:
+        raise ValueError(f"{inp}: no rows to grade")
     counts = dict.fromkeys(LABELS, 0)
     clf = default_classifier()
     tmp = out.with_name(out.name + f".{os.getpid()}.tmp")

@@ -143,6 +143,8 @@ class OpenAIServer:
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise APIError(400, f"the request body is not valid JSON: {e}") from None
+        except RecursionError:
+            raise APIError(400, "the request body is nested too deeply") from None
         req = parse_chat_request(body)
         if req.model not in self.models:
             raise APIError(
