@@ -150,15 +150,19 @@ def prompt_rows(rows: list[Any], name: str = "p.jsonl", **prompts: Any) -> Build
     return build
 
 
+def rows_file(tmp: Path, name: str, rows: list[Any] | None) -> Path:
+    """A JSONL file of these rows (str: a raw line); None: a path that does not exist."""
+    if rows is None:
+        return tmp / name
+    lines = [r if isinstance(r, str) else json.dumps(r) for r in rows]
+    return write(tmp, name, "".join(line + "\n" for line in lines))
+
+
 def suite_rows(rows: list[Any] | None, *extra: str, name: str = "suite.jsonl") -> Build:
     """`eval --suite FILE` (None: a missing file); the suite is checked before the endpoint."""
 
     def build(tmp: Path) -> Cli:
-        if rows is None:
-            path = tmp / name
-        else:
-            lines = [r if isinstance(r, str) else json.dumps(r) for r in rows]
-            path = write(tmp, name, "".join(line + "\n" for line in lines))
+        path = rows_file(tmp, name, rows)
         out = tmp / "out"
         args = ["eval", "--endpoint", DEAD_ENDPOINT, "--model", "m", "--out", str(out)]
         return Cli([*args, "--suite", str(path), *extra], [out])
@@ -170,11 +174,7 @@ def grade_rows(rows: list[Any] | None, *extra: str, name: str = "in.jsonl") -> B
     """`grade --input FILE --output OUT` (None: a missing input file)."""
 
     def build(tmp: Path) -> Cli:
-        if rows is None:
-            inp = tmp / name
-        else:
-            lines = [r if isinstance(r, str) else json.dumps(r) for r in rows]
-            inp = write(tmp, name, "".join(line + "\n" for line in lines))
+        inp = rows_file(tmp, name, rows)
         out = tmp / "graded.jsonl"
         return Cli(["grade", "--input", str(inp), "--output", str(out), *extra], [out])
 
