@@ -162,5 +162,5 @@ def test_pipeline_end_to_end_and_rerun_skips(
     # A changed eval config makes the eval stage stale: refused (before any Serve app starts)
     # unless forced; the stages before it still match and are skipped.
     changed = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"bootstrap": 101})})
-    with pytest.raises(StaleStage, match="stage eval.*--force"):
+    with pytest.raises(StaleStage, match=r"(?s)stage eval.*--force"):
         run_pipeline(changed)
