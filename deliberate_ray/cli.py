@@ -7,7 +7,6 @@ import sys
 from typing import Annotated
 
 import typer
-from pydantic import ValidationError
 
 from deliberate_ray.config import ConfigError, ServeConfig
 
@@ -176,14 +175,10 @@ def serve(
 
 def serve_config(path: str | None, **overrides: object) -> ServeConfig:
     """The config's serve section (or the defaults) with the command-line values on top."""
-    from deliberate_ray.config import ServeConfig, format_validation_error, load_config
+    from deliberate_ray.config import ServeConfig, load_config, override
 
     base = (load_config(path).serve if path else None) or ServeConfig()
-    given = {k: v for k, v in overrides.items() if v is not None}
-    try:
-        return ServeConfig.model_validate(base.model_dump() | given)
-    except ValidationError as e:
-        raise ConfigError("serve options", format_validation_error(e)) from None
+    return override(base, "serve", **overrides)
 
 
 @app.command()
@@ -283,15 +278,14 @@ def eval_(
     ] = None,
 ) -> None:
     """Ask each model every suite prompt, grade, write responses/metrics/report/chart."""
-    from deliberate_ray.config import EvalConfig, load_config
+    from deliberate_ray.config import EvalConfig, load_config, override
     from deliberate_ray.evals import run_eval
     from deliberate_ray.evals.collect import EndpointError
     from deliberate_ray.evals.report import fmt, headline
 
     try:
         cfg = (load_config(config).eval if config else None) or EvalConfig()
-        given = {"api_key_env": api_key_env, "limit": limit}
-        cfg = cfg.model_copy(update={k: v for k, v in given.items() if v is not None})
+        cfg = override(cfg, "eval", api_key_env=api_key_env, limit=limit)
         doc = run_eval(suite or cfg.suites, endpoint, model, out, cfg)
     except (ConfigError, EndpointError, ValueError) as e:
         fail(str(e))

@@ -1053,6 +1053,17 @@ def format_validation_error(exc: ValidationError) -> list[str]:
     return out
 
 
+def override(obj: M, section: str, /, **changes: Any) -> M:
+    """`obj` with `changes` applied (None leaves a field as it is), validated again like a
+    config file: a bad value raises ConfigError naming `section.field`. The one way CLI flags
+    and stages override config values (pydantic's `model_copy(update=)` would not check)."""
+    given = {k: v for k, v in changes.items() if v is not None}
+    try:
+        return type(obj).model_validate(obj.model_dump() | given)
+    except ValidationError as e:
+        raise ConfigError(section, [f"{section}.{m}" for m in format_validation_error(e)]) from None
+
+
 def read_yaml(path: str | Path) -> Any:
     p = Path(path)
     if not p.exists():

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from deliberate_ray.config import ArmConfig, Config, ConfigError, PipelineConfig
+from deliberate_ray.config import ArmConfig, Config, ConfigError, PipelineConfig, override
 
 log = logging.getLogger(__name__)
 STAGE_SECTIONS = ("generate", "train", "serve", "eval")
@@ -103,9 +103,7 @@ def train_arm(
     if arm.msm:
         assert cfg.train is not None
         steps = arm.msm_steps or cfg.train.max_steps
-        msm_cfg = cfg.model_copy(
-            update={"train": cfg.train.model_copy(update={"max_steps": steps})}
-        )
+        msm_cfg = cfg.model_copy(update={"train": override(cfg.train, "train", max_steps=steps)})
         msm = stages.run(
             f"train-{arm.name}-msm",
             lambda: run_train(msm_cfg, variant="docs", name=f"{arm.name}-msm", data=arm.msm_docs),
@@ -185,11 +183,9 @@ def _run_pipeline(cfg: Config, force: bool) -> dict[str, Any]:
     models |= {name: t["export_dir"] for name, t in trained.items()}
 
     def evaluate() -> dict[str, Any]:
-        serve_cfg = cfg.serve.model_copy(update={"models": models})
+        serve_cfg = override(cfg.serve, "serve", models=models)
         key_env = None if serve_cfg.no_auth else serve_cfg.api_key_env
-        ev_cfg = cfg.eval.model_copy(
-            update={"spec_variant": cfg.spec.variant, "api_key_env": key_env}
-        )
+        ev_cfg = override(cfg.eval, "eval", spec_variant=cfg.spec.variant, api_key_env=key_env)
         with run_key(serve_cfg):
             url = start_serve(models, serve_cfg)
             try:  # the app goes once the replies are in (the graders need no endpoint)

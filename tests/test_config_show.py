@@ -109,3 +109,16 @@ def test_type_names():
     assert type_name(fields["stop"].annotation) == "list[str]"
     assert type_name(fields["seed"].annotation) == "int | None"
     assert type_name(Config.model_fields["train"].annotation) == "TrainConfig | None"
+
+
+def test_override_revalidates_and_names_the_field_path():
+    import pytest
+
+    from deliberate_ray.config import ConfigError, EvalConfig, override
+
+    cfg = override(EvalConfig(), "eval", limit=5, api_key_env=None)  # None: left as it is
+    assert cfg.limit == 5 and cfg.api_key_env is None
+    with pytest.raises(ConfigError, match=r"eval\.limit: bad value 0"):
+        override(EvalConfig(), "eval", limit=0)
+    with pytest.raises(ConfigError, match=r"eval\.scorers"):
+        override(EvalConfig(), "eval", scorers=["helpful"])  # validators run too

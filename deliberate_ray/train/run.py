@@ -13,7 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from deliberate_ray.config import Config, ConfigError, TrainConfig, format_validation_error
+from deliberate_ray.config import Config, ConfigError, TrainConfig, override
 from deliberate_ray.models import resolve_model
 from deliberate_ray.train.data import DataStats, TrainDataError, build_dataset
 from deliberate_ray.train.export import export_hf
@@ -24,15 +24,9 @@ log = logging.getLogger(__name__)
 
 def train_config(cfg: Config, **overrides: Any) -> TrainConfig:
     """The `train` section with the given fields replaced (None leaves a field as it is)."""
-    from pydantic import ValidationError
-
     if cfg.train is None:
         raise ConfigError("config", ["train: missing section -> add a `train:` mapping"])
-    fields = {k: v for k, v in overrides.items() if v is not None}
-    try:
-        return TrainConfig.model_validate({**cfg.train.model_dump(), **fields})
-    except ValidationError as e:
-        raise ConfigError("train", [f"train.{m}" for m in format_validation_error(e)]) from None
+    return override(cfg.train, "train", **overrides)
 
 
 def plan_steps(cfg: TrainConfig, stats: DataStats, out_dir: Path, stop_after: int | None) -> Plan:
