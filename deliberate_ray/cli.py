@@ -238,7 +238,7 @@ def suites_check(
     """Exit 2, listing ids, if any prompt is a row of an evaluation-only suite."""
     from pathlib import Path
 
-    from deliberate_ray.evals.public import check_eval_only, default_guard_suites
+    from deliberate_ray.evals.public import check_eval_only, default_guard_suites, last_user_text
     from deliberate_ray.records import iter_records
 
     missing = [p for p in [*prompts, *(suite or [])] if "://" not in p and not Path(p).is_file()]
@@ -248,8 +248,8 @@ def suites_check(
     try:
         for path in prompts:
             for n, rec in iter_records(path):
-                if isinstance(rec, dict) and isinstance(rec.get("prompt"), str):
-                    pairs.append((str(rec.get("id", f"{path}:{n}")), rec["prompt"]))
+                if (text := last_user_text(rec)) is not None:
+                    pairs.append((str(rec.get("id", f"{path}:{n}")), text))
         suites = default_guard_suites(suite or [])
         check_eval_only(pairs, suites)
     except ConfigError as e:

@@ -157,6 +157,7 @@ def run_pipeline(cfg: Config, force: bool = False) -> dict[str, Any]:
 def _run_pipeline(cfg: Config, force: bool) -> dict[str, Any]:
     from deliberate_ray.evals import run_eval
     from deliberate_ray.generate import run_generate
+    from deliberate_ray.generate.run import resume_key
     from deliberate_ray.report import write_report
     from deliberate_ray.serve import shutdown, start_serve
     from deliberate_ray.serve.launch import run_key
@@ -171,7 +172,9 @@ def _run_pipeline(cfg: Config, force: bool) -> dict[str, Any]:
     gen = stages.run(
         "generate",
         lambda: run_generate(cfg, fresh=force),
-        signature(cfg.spec, spec_sha(cfg), cfg.prompts, cfg.generate, inputs_sha(cfg.prompts)),
+        # what a generated row depends on (resume_key: spec, teacher, judge) and which prompts
+        # there are; engine throughput settings change no row and leave the stage valid
+        signature(resume_key(cfg, spec_sha(cfg)), cfg.prompts, inputs_sha(cfg.prompts)),
         lambda marker: [marker["output_dir"]] if marker.get("output_dir") else [],
     )
     if not gen["stats"]["total"].get("kept"):

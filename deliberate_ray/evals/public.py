@@ -181,6 +181,14 @@ def normalise(text: str) -> str:
     return " ".join(re.findall(r"[a-z0-9]+", text.lower()))
 
 
+def last_user_text(rec: Any) -> str | None:
+    """The last user message of a prompt or suite record (`prompt` or `messages`), or None."""
+    from deliberate_ray.prompts import _as_messages
+
+    messages, _ = _as_messages(rec) if isinstance(rec, dict) else (None, None)
+    return messages[-1]["content"] if messages else None
+
+
 def eval_only_rows(paths: Iterable[str | Path]) -> list[tuple[str, str]]:
     """(suite row id, normalised prompt) of every eval-only row in these suite files."""
     from deliberate_ray.records import iter_records
@@ -191,11 +199,8 @@ def eval_only_rows(paths: Iterable[str | Path]) -> list[tuple[str, str]]:
             log.warning("eval-only guard: suite %s not found; not checked", path)
             continue
         for _, rec in iter_records(str(path)):
-            if isinstance(rec, dict) and rec.get("eval_only") is True:
-                text = rec.get("prompt")
-                if not isinstance(text, str):
-                    msgs = rec.get("messages") or [{}]
-                    text = msgs[-1].get("content", "") if isinstance(msgs[-1], dict) else ""
+            text = last_user_text(rec)
+            if text is not None and rec.get("eval_only") is True:
                 out.append((f"{Path(path).stem}:{rec.get('id')}", normalise(text)))
     return out
 

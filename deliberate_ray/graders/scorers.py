@@ -10,6 +10,7 @@ report rather than shown as perfect.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import pyarrow as pa
@@ -166,11 +167,18 @@ def _helpful(batch: pa.Table, ctx: dict[str, Any]) -> dict[str, list]:
     }
 
 
-def _rule_checks(batch: pa.Table, ctx: dict[str, Any]) -> dict[str, list]:
-    from deliberate_ray.graders.rules import rule_checks
+@lru_cache(maxsize=4)
+def _spec(path: str) -> Any:
+    """The spec, parsed once per worker process (not once per batch)."""
     from deliberate_ray.spec import load_spec
 
-    spec = load_spec(ctx["spec_path"])
+    return load_spec(path)
+
+
+def _rule_checks(batch: pa.Table, ctx: dict[str, Any]) -> dict[str, list]:
+    from deliberate_ray.graders.rules import rule_checks
+
+    spec = _spec(ctx["spec_path"])
     keys = batch.column("key").to_pylist()
     rows = [
         {
