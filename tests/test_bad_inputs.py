@@ -181,6 +181,17 @@ def grade_rows(rows: list[Any] | None, *extra: str, name: str = "in.jsonl") -> B
     return build
 
 
+def eval_with(data: dict[str, Any]) -> Build:
+    """`eval -c CONFIG` (config built from `data`) against an endpoint it never reaches."""
+
+    def build(tmp: Path) -> Cli:
+        out = tmp / "out"
+        args = ["eval", "--endpoint", DEAD_ENDPOINT, "--model", "m", "--out", str(out)]
+        return Cli([*args, "-c", str(config_file(tmp, data))], [out])
+
+    return build
+
+
 def cli(*args: str, env: dict[str, str | None] | None = None) -> Build:
     return lambda tmp: Cli(list(args), env=env or {})
 
@@ -413,38 +424,12 @@ CONFIG_CASES = [
     ),
     case(
         "eval-bad-config",
-        lambda tmp: Cli(
-            [
-                "eval",
-                "--endpoint",
-                DEAD_ENDPOINT,
-                "--model",
-                "m",
-                "--out",
-                str(tmp / "out"),
-                "-c",
-                str(config_file(tmp, {"eval": {"bootstrap": 5}})),
-            ],
-            [tmp / "out"],
-        ),
+        eval_with({"eval": {"bootstrap": 5}}),
         "eval.bootstrap",
     ),
     case(
         "eval-baseline-not-evaluated",
-        lambda tmp: Cli(
-            [
-                "eval",
-                "--endpoint",
-                DEAD_ENDPOINT,
-                "--model",
-                "m",
-                "--out",
-                str(tmp / "out"),
-                "-c",
-                str(config_file(tmp, {"eval": {"baseline": "other"}})),
-            ],
-            [tmp / "out"],
-        ),
+        eval_with({"eval": {"baseline": "other"}}),
         "eval.baseline",
         "'other'",
     ),
