@@ -57,9 +57,9 @@ def strongreject_score(text: str) -> float | None:
 def rubric_rows(
     rows: list[dict[str, Any]], rubrics: dict[str, dict[str, str]], cfg: EvalJudgeConfig
 ) -> list[float | None]:
-    """A rubric score per row (None: no rubric, no answer or an unreadable judge answer).
-    `rubrics` maps a suite name to its rubric; rows need `suite`, `prompt`, `content`,
-    `answered`."""
+    """A rubric score per row (None: no rubric, an empty or failed reply, or an unreadable
+    judge answer). `rubrics` maps a suite name to its rubric; rows need `suite`, `prompt`,
+    `content`, `error`."""
     import ray.data
 
     from deliberate_ray.engines import apply_engine
@@ -73,7 +73,9 @@ def rubric_rows(
             "sampling_params": params,
         }
         for i, r in enumerate(rows)
-        if r["suite"] in rubrics and r.get("answered")
+        # a truncated reply is graded on what it says; an empty or failed one has nothing
+        # to grade (it is counted by no_answer, and the metric's n shows it is missing)
+        if r["suite"] in rubrics and (r.get("content") or "").strip() and not r.get("error")
     ]
     scores: list[float | None] = [None] * len(rows)
     if items:
