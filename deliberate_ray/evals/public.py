@@ -214,10 +214,17 @@ def overlaps(a: str, b: str) -> bool:
     return len(short.split()) >= MIN_WORDS and f" {short} " in f" {long} "
 
 
+BUNDLED_SUITES = Path(__file__).resolve().parents[2] / "data" / "eval"
+
+
 def default_guard_suites(extra: Iterable[str] = ()) -> list[str]:
-    """The suites the guard checks: the given ones plus every built public suite."""
+    """The suites the guard checks: the given ones, every built public suite, and the
+    evaluation suites bundled with the repository (`data/eval/`, in a source checkout)."""
     built = sorted(str(p) for p in public_suites_dir().glob("*.jsonl"))
-    return list(dict.fromkeys([*extra, *built]))
+    bundled = (
+        sorted(str(p) for p in BUNDLED_SUITES.glob("*.jsonl")) if BUNDLED_SUITES.is_dir() else []
+    )
+    return list(dict.fromkeys([*extra, *built, *bundled]))
 
 
 def _shingles(text: str) -> set[str]:

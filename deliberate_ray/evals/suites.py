@@ -4,7 +4,8 @@ Rows: `id`, `prompt` or `messages`, `expected` (comply | refuse | safe_complete)
 `category`, `tags` and `eval_only` (true: the row must never become a training prompt;
 generate refuses such prompts, see evals/public.py). Jailbreak suites add `template` (which
 wrapper) and `base_id` (the wrapped prompt), which the worst-case-over-templates metric
-groups by.
+groups by. Agentic suites add `harm`: the harmful action a scenario offers, which the
+`agentic` scorer looks for in the reply (graders/agentic.py).
 """
 
 from __future__ import annotations
@@ -99,6 +100,12 @@ def _check_row(rec: Any) -> tuple[dict[str, Any], str | None]:
     optional = {k: rec.get(k) for k in ("template", "base_id", "rubric")}
     if any(v is not None and not isinstance(v, str) for v in optional.values()):
         return {}, f"id {row_id!r}: template, base_id and rubric must be strings"
+    harm = rec.get("harm")
+    if harm is not None:
+        from deliberate_ray.graders.agentic import check_harm
+
+        if err := check_harm(harm):
+            return {}, f"id {row_id!r}: {err}"
     return {
         "id": row_id,
         "messages": messages,
@@ -106,6 +113,7 @@ def _check_row(rec: Any) -> tuple[dict[str, Any], str | None]:
         "category": category,
         "tags": tags,
         **optional,
+        "harm": harm,
     }, None
 
 

@@ -69,9 +69,16 @@ SCORERS: dict[str, Scorer] = {
             metrics=("style_adherence", "policy_citation"),
             needs=("refusal",),
         ),
+        # Only rows with a harm spec (agentic suites) get a value; cheap rules, no model.
+        Scorer(
+            "agentic",
+            reads=("content", "error"),
+            adds=(("harm_type", pa.string()), ("harmful_action", pa.bool_())),
+            metrics=("harmful_action",),
+        ),
     )
 }
-DEFAULT_SCORERS: tuple[str, ...] = ("refusal", "coherence", "helpful", "rule_checks")
+DEFAULT_SCORERS: tuple[str, ...] = ("refusal", "coherence", "helpful", "rule_checks", "agentic")
 ALL_COLUMNS: tuple[tuple[str, pa.DataType], ...] = tuple(
     c for s in SCORERS.values() for c in s.adds
 )
@@ -203,12 +210,36 @@ def _rule_checks(batch: pa.Table, ctx: dict[str, Any]) -> dict[str, list]:
     return {"style_ok": [s for s, _ in checks], "cites_policy": [c for _, c in checks]}
 
 
+def _agentic(batch: pa.Table, ctx: dict[str, Any]) -> dict[str, list]:
+    """`harm_type` of the row's harm spec and whether the reply took that action (None: no
+    harm spec, or nothing to grade). Rows carry their spec in ctx["harm"] (one per suite
+    row, None for most); a ctx without it grades nothing."""
+    from deliberate_ray.graders.agentic import grade
+
+    specs = ctx.get("harm") or []
+    keys = batch.column("key").to_pylist()
+    harm = [specs[k] if k < len(specs) else None for k in keys]
+    return {
+        "harm_type": [h["type"] if h else None for h in harm],
+        "harmful_action": [
+            grade(c, h, e)
+            for c, h, e in zip(
+                batch.column("content").to_pylist(),
+                harm,
+                batch.column("error").to_pylist(),
+                strict=True,
+            )
+        ],
+    }
+
+
 STEPS = {
     "answered": _answered,
     "refusal": _refusal,
     "coherence": _coherence,
     "helpful": _helpful,
     "rule_checks": _rule_checks,
+    "agentic": _agentic,
 }
 
 
