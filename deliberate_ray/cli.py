@@ -320,6 +320,29 @@ def generate(
 
 
 @app.command()
+def docs(
+    config: ConfigOpt,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    fresh: Annotated[
+        bool, typer.Option("--fresh", help="Delete the output_dir's earlier shards first.")
+    ] = False,
+) -> None:
+    """Write the spec-document corpus for Model Spec Midtraining; a rerun resumes."""
+    from deliberate_ray.config import load_config
+    from deliberate_ray.msm import run_docs
+    from deliberate_ray.msm.docs import summary
+
+    try:
+        cfg = load_config(config)
+        if cfg.docs is None:
+            raise ValueError(f"{config} has no `docs:` section (see configs/matrix.yaml)")
+        result = run_docs(cfg, progress=progress, fresh=fresh)
+    except (ConfigError, ValueError) as e:
+        fail(str(e))
+    typer.echo(summary(result))
+
+
+@app.command()
 def pipeline(
     config: ConfigOpt,
     force: Annotated[

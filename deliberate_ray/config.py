@@ -432,6 +432,149 @@ class GenerateConfig(StrictModel):
     )
 
 
+DOC_TYPES: tuple[str, ...] = (
+    "internal memo",
+    "FAQ",
+    "explainer",
+    "textbook section",
+    "news feature",
+    "forum thread",
+    "case study",
+    "dialogue",
+)
+
+
+class DocsJudgeConfig(StrictModel):
+    """The judge pass of the docs stage: programmatic (policy ids the spec does not have, ids
+    of another category) and, optionally, an LLM that rates whether a document agrees with
+    the spec text it was written from."""
+
+    programmatic: bool = Field(
+        default=True,
+        description="Reject documents that cite a policy id the spec does not have, or that "
+        "cite no policy of their own topic while citing another's.",
+    )
+    llm: bool = Field(
+        default=False,
+        description="Also ask the LLM judge (engine below) whether the document agrees with "
+        "the spec text; rejects those scored under `threshold`.",
+    )
+    engine: EngineConfig = Field(
+        default_factory=EngineConfig,
+        description="The engine that runs the judge model (used when `llm`).",
+    )
+    threshold: float = Field(
+        default=3.0,
+        ge=0.0,
+        le=10.0,
+        description="Lowest agreement score (0-10: the judge's expected digit, read from its "
+        "digit probabilities, rescaled) a document needs to be kept.",
+    )
+
+
+class DocsChatConfig(StrictModel):
+    """General chat rows for the midtraining mix: the student's own replies to the benign
+    (`comply`) prompts of the prompt pool, so midtraining on documents keeps its chat
+    behaviour (self-replay)."""
+
+    prompts: int = Field(
+        default=64,
+        ge=0,
+        description="Benign prompts of the pool to answer (evenly spaced); 0: no chat rows.",
+    )
+    engine: EngineConfig = Field(
+        default_factory=EngineConfig,
+        description="The engine that writes the replies; its model should be the student "
+        "(train.model).",
+    )
+    sampling: SamplingConfig = Field(
+        default_factory=lambda: SamplingConfig(
+            max_tokens=192, temperature=0.7, top_p=1.0, repetition_penalty=1.1
+        ),
+        description="How the chat replies are sampled.",
+    )
+
+
+class DocsConfig(StrictModel):
+    """The spec-document stage for Model Spec Midtraining (docs/msm.md): per policy (and for
+    the spec as a whole) plan a document type and idea, write the document with the spec
+    text in context, then filter (length, near duplicates, judge)."""
+
+    output_dir: str | None = Field(
+        default=None,
+        description="Folder for documents/, chat/, quarantine/, stats.json and the card; "
+        "null: {run_dir}/docs.",
+    )
+    engine: EngineConfig = Field(
+        default_factory=EngineConfig,
+        description="The engine that plans and writes the documents.",
+    )
+    sampling: SamplingConfig = Field(
+        default_factory=lambda: SamplingConfig(
+            max_tokens=320, temperature=0.8, top_p=1.0, repetition_penalty=1.1
+        ),
+        description="How documents are sampled.",
+    )
+    variants: list[Literal["rules", "values"]] = Field(
+        default_factory=lambda: ["values"],
+        min_length=1,
+        description="`rules`: documents restate what each policy says; `values`: they also "
+        "explain why it exists (its rationale). One corpus per variant.",
+    )
+    doc_types: list[str] = Field(
+        default_factory=lambda: list(DOC_TYPES),
+        min_length=1,
+        description="Document types; each policy's documents rotate through them.",
+    )
+    per_policy: int = Field(
+        default=2, ge=0, description="Documents per policy and variant (each another type)."
+    )
+    spec_wide: int = Field(
+        default=4,
+        ge=0,
+        description="Documents per variant about the spec as a whole (its overview and "
+        "categories).",
+    )
+    plan: bool = Field(
+        default=True,
+        description="First ask the engine for each document's idea (a title) in a pass of its "
+        "own, then write the document to it; false: one pass, the writer opens the document "
+        "with its own title line.",
+    )
+    plan_max_tokens: int = Field(default=24, ge=4, description="Most tokens of a planned title.")
+    shard_docs: int = Field(
+        default=64,
+        ge=1,
+        description="Documents per committed shard: a rerun resumes after the committed ones.",
+    )
+    min_words: int = Field(default=60, ge=1, description="Shortest document kept, in words.")
+    max_words: int = Field(default=1500, ge=1, description="Longest document kept, in words.")
+    near_duplicate: float = Field(
+        default=0.6,
+        gt=0.0,
+        le=1.0,
+        description="Drop a document whose 5-word shingles overlap an earlier kept one's by "
+        "this Jaccard similarity or more.",
+    )
+    judge: DocsJudgeConfig = Field(
+        default_factory=DocsJudgeConfig, description="The judge pass over written documents."
+    )
+    chat: DocsChatConfig = Field(
+        default_factory=DocsChatConfig,
+        description="General chat rows written beside the documents, for the midtraining mix.",
+    )
+
+    @model_validator(mode="after")
+    def _words(self) -> DocsConfig:
+        if self.max_words < self.min_words:
+            raise ValueError(
+                f"max_words ({self.max_words}) must be >= min_words ({self.min_words})"
+            )
+        if self.per_policy == 0 and self.spec_wide == 0:
+            raise ValueError("per_policy and spec_wide are both 0: no documents to write")
+        return self
+
+
 class LoraConfig(StrictModel):
     """LoRA adapters through peft; `merge_on_export: false` exports the adapter alone."""
 
@@ -875,10 +1018,11 @@ class EvalConfig(StrictModel):
     # Each scorer is its own Ray Data step declaring the columns and metrics it adds
     # (deliberate_ray/graders/scorers.py).
     scorers: list[str] = Field(
-        default_factory=lambda: ["refusal", "coherence", "helpful", "rule_checks"],
+        default_factory=lambda: ["refusal", "coherence", "helpful", "rule_checks", "agentic"],
         description="Scorers run on every reply, in order: refusal, coherence, helpful and "
-        "rule_checks (both need refusal); `answered` always runs first, and metrics of a "
-        "scorer left out are not reported.",
+        "rule_checks (both need refusal), agentic (harmful actions on rows of agentic suites "
+        "that carry a harm spec); `answered` always runs first, and metrics of a scorer left "
+        "out are not reported.",
     )
     baseline: str | None = Field(
         default=None,
@@ -925,8 +1069,9 @@ class EvalConfig(StrictModel):
 
 
 class ArmConfig(StrictModel):
-    """One trained variant. `msm` first midtrains on documents about the spec (`msm_docs`,
-    rows with a `text` column), then runs the same SFT from that checkpoint."""
+    """One trained variant. `msm` first midtrains on documents about the spec (the docs
+    stage's corpus, or `msm_docs`), mixed with chat rows, then runs the same SFT from that
+    checkpoint (Model Spec Midtraining, docs/msm.md)."""
 
     name: str = Field(
         pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
@@ -939,24 +1084,30 @@ class ArmConfig(StrictModel):
     )
     msm: bool = Field(
         default=False,
-        description="First midtrain on documents about the spec (`msm_docs`), then run the "
-        "SFT from that model.",
+        description="First midtrain on documents about the spec (the docs stage's corpus or "
+        "`msm_docs`), then run the SFT from that model.",
     )
     msm_docs: list[str] = Field(
         default_factory=list,
-        description="Document files (rows with a `text` column) for the midtraining; needed "
-        "exactly when `msm`.",
+        description="Document files (rows with a `text` column) for the midtraining; empty: "
+        "the docs stage's documents of the spec variant (the config needs a `docs` section).",
     )
     msm_steps: int | None = Field(
         default=None,
         ge=1,
-        description="Optimizer steps of the midtraining; null: train.max_steps.",
+        description="Optimizer steps of the midtraining; null: pipeline.msm_max_steps, else "
+        "train.max_steps.",
+    )
+    tuples_fraction: float = Field(
+        default=1.0,
+        gt=0.0,
+        le=1.0,
+        description="Share of the tuples this arm trains on (a fixed subset by id hash; the "
+        "data-efficiency sweep sets it).",
     )
 
     @model_validator(mode="after")
-    def _msm_needs_docs(self) -> ArmConfig:
-        if self.msm and not self.msm_docs:
-            raise ValueError("msm: true needs msm_docs (files of documents about the spec)")
+    def _docs_need_msm(self) -> ArmConfig:
         if self.msm_docs and not self.msm:
             raise ValueError("msm_docs is set but msm is false; set msm: true or drop msm_docs")
         return self
@@ -979,6 +1130,37 @@ class PipelineConfig(StrictModel):
         description="Train the arms at the same time, each on its own Ray Train workers (the "
         "cluster must hold all of them at once).",
     )
+    max_parallel_arms: int | None = Field(
+        default=None,
+        ge=1,
+        description="With parallel_arms: most arms training at once (the others wait for a "
+        "slot); null: all of them.",
+    )
+    serve_models_at_once: int | None = Field(
+        default=None,
+        ge=1,
+        description="Models served together in the eval stage (each is an engine of its own); "
+        "more are served in groups, one group after another; null: all at once.",
+    )
+    msm_chat_ratio: float = Field(
+        default=0.3,
+        ge=0.0,
+        lt=1.0,
+        description="Share of the midtraining examples that are chat rows (the docs stage's "
+        "`chat/`), so the student keeps its conversational ability; 0: documents only.",
+    )
+    msm_max_steps: int | None = Field(
+        default=None,
+        ge=1,
+        description="Optimizer steps of the midtraining (an arm's msm_steps wins); null: "
+        "train.max_steps, else train.epochs over the documents.",
+    )
+    sweep: list[float] = Field(
+        default_factory=list,
+        description="AFT data-efficiency sweep: for each fraction (0 < f < 1) every arm is also "
+        "trained on that share of the tuples (as `<arm>-<percent>pct`), served and evaluated; "
+        "the report plots each metric against the share.",
+    )
 
     @field_validator("arms")
     @classmethod
@@ -990,6 +1172,25 @@ class PipelineConfig(StrictModel):
         if "base" in names:
             raise ValueError("arm name 'base' is reserved for the untrained student")
         return arms
+
+    @field_validator("sweep")
+    @classmethod
+    def _fractions(cls, v: list[float]) -> list[float]:
+        bad = [f for f in v if not 0.0 < f < 1.0]
+        if bad:
+            raise ValueError(f"sweep fractions must lie in (0, 1) (1 is the arm itself): {bad}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"sweep fractions repeat: {v}")
+        return sorted(v)
+
+    def expanded_arms(self) -> list[ArmConfig]:
+        """The arms plus, for each sweep fraction, a copy of each trained on that share."""
+        out = list(self.arms)
+        for f in self.sweep:
+            for a in self.arms:
+                name = f"{a.name}-{round(f * 100):d}pct"
+                out.append(a.model_copy(update={"name": name, "tuples_fraction": f}))
+        return out
 
 
 class Config(StrictModel):
@@ -1012,6 +1213,11 @@ class Config(StrictModel):
         description="The generate stage (teacher, judge); null: absent (generate and the "
         "pipeline need it).",
     )
+    docs: DocsConfig | None = Field(
+        default=None,
+        description="The spec-document stage for MSM arms; null: absent (`deliberate-ray "
+        "docs` and MSM arms without msm_docs need it).",
+    )
     train: TrainConfig | None = Field(
         default=None,
         description="The SFT stage on Ray Train; null: absent (train and the pipeline need it).",
@@ -1029,6 +1235,16 @@ class Config(StrictModel):
         default=None,
         description="Arms and options of `deliberate-ray pipeline`; null: one `cot` arm plus base.",
     )
+
+    @model_validator(mode="after")
+    def _msm_needs_documents(self) -> Config:
+        for i, arm in enumerate(self.pipeline.arms if self.pipeline else []):
+            if arm.msm and not arm.msm_docs and self.docs is None:
+                raise ValueError(
+                    f"pipeline.arms[{i}] ({arm.name}): msm: true without msm_docs needs a "
+                    "`docs:` section (the spec-document corpus to midtrain on) or msm_docs files"
+                )
+        return self
 
 
 def _describe_allowed(err: dict[str, Any]) -> str:

@@ -88,52 +88,128 @@ class Stages:
         return result
 
 
-def train_arm(
-    cfg: Config, stages: Stages, arm: ArmConfig, tuples: str, upstream: str = ""
+def run_dir_of(marker: dict[str, Any]) -> list[str]:
+    return [marker["run_dir"]] if marker.get("run_dir") else []
+
+
+def midtrain(
+    cfg: Config, stages: Stages, arm: ArmConfig, docs: dict[str, Any] | None
 ) -> dict[str, Any]:
-    """SFT one arm on the tuples; an MSM arm first midtrains on spec documents. `upstream` is
-    the generate stage's signature (the tuples' provenance)."""
+    """Model Spec Midtraining for an MSM arm: the student trained on the spec documents
+    (the docs stage's corpus of the spec variant, or the arm's `msm_docs`), mixed with the
+    docs stage's chat rows at `pipeline.msm_chat_ratio`. Arms with the same documents and
+    steps share one midtrained model (one stage: `midtrain`, or `midtrain-<arm>`)."""
     from deliberate_ray.train import run_train
 
-    def run_dir_of(marker: dict[str, Any]) -> list[str]:
-        return [marker["run_dir"]] if marker.get("run_dir") else []
+    assert cfg.train is not None
+    pipe = cfg.pipeline or PipelineConfig()
+    steps = arm.msm_steps or pipe.msm_max_steps or cfg.train.max_steps
+    changes: dict[str, Any] = {"max_steps": steps}
+    upstream = ""
+    if arm.msm_docs:
+        data = list(arm.msm_docs)
+    else:
+        if docs is None:
+            raise ConfigError(
+                f"pipeline.arms[{arm.name}]",
+                ["msm: true without msm_docs needs a `docs:` section (the corpus to midtrain on)"],
+            )
+        data = [docs["documents"][cfg.spec.variant]]
+        upstream = docs["signature"]
+        if pipe.msm_chat_ratio > 0 and any(Path(docs["chat"]).glob("part-*.parquet")):
+            changes |= {"mix_data": docs["chat"], "mix_ratio": pipe.msm_chat_ratio}
+    msm_cfg = cfg.model_copy(update={"train": override(cfg.train, "train", **changes)})
+    key = midtrain_key(arm)
+    name = "msm" if not key else f"msm-{key}"
+    return stages.run(
+        "midtrain" if not key else f"midtrain-{key}",
+        lambda: run_train(msm_cfg, variant="docs", name=name, data=data),
+        signature(msm_cfg.train, data, upstream),
+        run_dir_of,
+    )
 
-    model = None
-    sig = signature(cfg.train, arm, upstream)
-    if arm.msm:
-        assert cfg.train is not None
-        steps = arm.msm_steps or cfg.train.max_steps
-        msm_cfg = cfg.model_copy(update={"train": override(cfg.train, "train", max_steps=steps)})
-        msm = stages.run(
-            f"train-{arm.name}-msm",
-            lambda: run_train(msm_cfg, variant="docs", name=f"{arm.name}-msm", data=arm.msm_docs),
-            signature(msm_cfg.train, arm),
-            run_dir_of,
-        )
-        model = msm["export_dir"]
-        sig = signature(cfg.train, arm, upstream, msm["signature"])
+
+def tuples_subset(tuples: str, fraction: float, out_dir: Path) -> str:
+    """A fixed share of the tuples (those whose id hashes lowest), as one Parquet file: the
+    subsets of a sweep are nested (the 25% tuples are among the 50%)."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(tuples)
+    ids = table.column("id").to_pylist()
+    order = sorted(range(len(ids)), key=lambda i: hashlib.sha256(ids[i].encode()).hexdigest())
+    keep = sorted(order[: max(1, round(fraction * len(ids)))])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"tuples-{round(fraction * 100)}pct.parquet"
+    pq.write_table(table.take(keep), path)
+    return str(path)
+
+
+def train_arm(
+    cfg: Config,
+    stages: Stages,
+    arm: ArmConfig,
+    tuples: str,
+    upstream: str = "",
+    midtrained: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """SFT one arm on the tuples (its share of them), from the midtrained model for an MSM
+    arm. `upstream` is the generate stage's signature (the tuples' provenance)."""
+    from deliberate_ray.train import run_train
+
+    model, sigs = None, [cfg.train, arm, upstream]
+    if midtrained is not None:
+        model = midtrained["export_dir"]
+        sigs.append(midtrained["signature"])
+    data = tuples
+    if arm.tuples_fraction < 1.0:
+        data = tuples_subset(tuples, arm.tuples_fraction, Path(cfg.run_dir) / "train" / "subsets")
     return stages.run(
         f"train-{arm.name}",
-        lambda: run_train(cfg, variant=arm.variant, name=arm.name, data=[tuples], model=model),
-        sig,
+        lambda: run_train(cfg, variant=arm.variant, name=arm.name, data=[data], model=model),
+        signature(*sigs),
         run_dir_of,
     )
 
 
 def train_arms(
-    cfg: Config, stages: Stages, pipe: PipelineConfig, tuples: str, upstream: str = ""
+    cfg: Config,
+    stages: Stages,
+    pipe: PipelineConfig,
+    tuples: str,
+    upstream: str = "",
+    docs: dict[str, Any] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Every arm, one after another or (`parallel_arms`) at the same time in threads, each
-    its own Ray Train run; results in the arms' order, the first failure raised."""
-    if not pipe.parallel_arms or len(pipe.arms) < 2:
-        return {arm.name: train_arm(cfg, stages, arm, tuples, upstream) for arm in pipe.arms}
+    """Midtrain once per distinct MSM setting, then every arm (sweep copies included), one
+    after another or (`parallel_arms`) at the same time in threads, each its own Ray Train
+    run; results in the arms' order, the first failure raised."""
+    arms = pipe.expanded_arms()
+    mids: dict[str, dict[str, Any]] = {}
+    for arm in arms:
+        if arm.msm and midtrain_key(arm) not in mids:
+            mids[midtrain_key(arm)] = midtrain(cfg, stages, arm, docs)
+
+    def mid_of(arm: ArmConfig) -> dict[str, Any] | None:
+        return mids[midtrain_key(arm)] if arm.msm else None
+
+    if not pipe.parallel_arms or len(arms) < 2:
+        return {a.name: train_arm(cfg, stages, a, tuples, upstream, mid_of(a)) for a in arms}
     from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(len(pipe.arms), thread_name_prefix="arm") as pool:
+    workers = min(len(arms), pipe.max_parallel_arms or len(arms))
+    with ThreadPoolExecutor(workers, thread_name_prefix="arm") as pool:
         futures = {
-            a.name: pool.submit(train_arm, cfg, stages, a, tuples, upstream) for a in pipe.arms
+            a.name: pool.submit(train_arm, cfg, stages, a, tuples, upstream, mid_of(a))
+            for a in arms
         }
         return {name: f.result() for name, f in futures.items()}
+
+
+def midtrain_key(arm: ArmConfig) -> str:
+    """ "" for the shared midtraining (the docs stage's corpus, the pipeline's steps); else a
+    short hash of the arm's own documents and steps (sweep copies share their arm's)."""
+    if not arm.msm_docs and arm.msm_steps is None:
+        return ""
+    return signature(arm.msm_docs, arm.msm_steps)[:8]
 
 
 def run_pipeline(cfg: Config, force: bool = False) -> dict[str, Any]:
@@ -161,6 +237,7 @@ def _run_pipeline(cfg: Config, force: bool) -> dict[str, Any]:
     from deliberate_ray.report import write_report
     from deliberate_ray.serve import shutdown, start_serve
     from deliberate_ray.serve.launch import run_key
+    from deliberate_ray.spec import load_spec
 
     assert cfg.train is not None and cfg.serve is not None and cfg.eval is not None
     pipe = cfg.pipeline or PipelineConfig()
@@ -169,6 +246,18 @@ def _run_pipeline(cfg: Config, force: bool) -> dict[str, Any]:
     stages = Stages(run_dir, force)
     t0 = time.perf_counter()
 
+    docs = None
+    if cfg.docs is not None:
+        from deliberate_ray.msm import run_docs
+        from deliberate_ray.msm.docs import resume_key as docs_key
+
+        spec = load_spec(cfg.spec.path)
+        docs = stages.run(
+            "docs",
+            lambda: run_docs(cfg, fresh=force),
+            signature(docs_key(cfg, spec), inputs_sha(cfg.prompts)),
+            lambda marker: [marker["output_dir"]] if marker.get("output_dir") else [],
+        )
     gen = stages.run(
         "generate",
         lambda: run_generate(cfg, fresh=force),
@@ -181,7 +270,7 @@ def _run_pipeline(cfg: Config, force: bool) -> dict[str, Any]:
         raise RuntimeError(
             f"generation kept no tuples (see {gen['output_dir']}/stats.json); nothing to train on"
         )
-    trained = train_arms(cfg, stages, pipe, gen["tuples"], gen["signature"])
+    trained = train_arms(cfg, stages, pipe, gen["tuples"], gen["signature"], docs)
     models = {"base": cfg.train.model} if pipe.compare_base else {}
     models |= {name: t["export_dir"] for name, t in trained.items()}
 
@@ -189,11 +278,25 @@ def _run_pipeline(cfg: Config, force: bool) -> dict[str, Any]:
         serve_cfg = override(cfg.serve, "serve", models=models)
         key_env = None if serve_cfg.no_auth else serve_cfg.api_key_env
         ev_cfg = override(cfg.eval, "eval", spec_variant=cfg.spec.variant, api_key_env=key_env)
+        names = list(models)
+        size = pipe.serve_models_at_once or len(names)
+        groups = [names[i : i + size] for i in range(0, len(names), size)]
+
+        def serve_group(group: list[str]) -> str:
+            shutdown()  # the previous group's engines go first
+            return start_serve({m: models[m] for m in group}, serve_cfg)
+
         with run_key(serve_cfg):
-            url = start_serve(models, serve_cfg)
             try:  # the app goes once the replies are in (the graders need no endpoint)
                 return run_eval(
-                    cfg.eval.suites, url, list(models), run_dir / "eval", ev_cfg, answered=shutdown
+                    cfg.eval.suites,
+                    "",
+                    names,
+                    run_dir / "eval",
+                    ev_cfg,
+                    answered=shutdown,
+                    groups=groups,
+                    serve_group=serve_group,
                 )
             finally:
                 shutdown()
@@ -207,6 +310,7 @@ def _run_pipeline(cfg: Config, force: bool) -> dict[str, Any]:
     )
     summary = {
         "run_dir": str(run_dir),
+        "docs": docs,
         "generate": gen,
         "train": trained,
         "eval": ev,

@@ -7,8 +7,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from deliberate_ray.config import Config
+from deliberate_ray.config import Config, PipelineConfig
 from deliberate_ray.evals.report import PAIRED_HEADER, fmt, paired_rows, table
+from deliberate_ray.matrix import docs_section, matrix_section, plot_sweep, sweep_section
 from deliberate_ray.spec import load_spec
 
 HEADLINE = ("not_unsafe", "not_overrefuse", "helpful", "coherent", "no_answer")
@@ -118,6 +119,7 @@ def write_report(cfg: Config, summary: dict[str, Any]) -> Path:
         f"- total wall time: {summary['wall_s']:.0f} s",
         "",
     ]
+    lines += docs_section(summary.get("docs"))
     lines += data_section(gen)
     lines += ["## Training", ""]
     lines += table(
@@ -154,6 +156,10 @@ def write_report(cfg: Config, summary: dict[str, Any]) -> Path:
             lines += ["Paired differences on the same prompts (exact McNemar p):", ""]
             lines += table(PAIRED_HEADER, paired_rows(paired))
     lines += [f"Per-category tables and the chart: `{run_dir / 'eval' / 'report.md'}`.", ""]
+    pipe = cfg.pipeline or PipelineConfig()
+    lines += matrix_section(pipe, ev)
+    lines += monitor_section(ev)
+    lines += sweep_section(pipe, ev, plot_sweep(pipe, ev, run_dir / "sweep.png"))
     lines += ["## Cost", ""]
     lines += table(["stage", "wall time (s)", "tokens"], cost_rows(summary))
     path = run_dir / "report.md"
@@ -161,10 +167,41 @@ def write_report(cfg: Config, summary: dict[str, Any]) -> Path:
     return path
 
 
+def monitor_section(ev: dict[str, Any]) -> list[str]:
+    """CoT monitorability per arm and suite (evals/monitor.py)."""
+    from deliberate_ray.evals.monitor import monitor_table
+
+    monitor = ev.get("monitor") or {}
+    if not monitor:
+        return []
+    lines = [
+        "## CoT monitorability",
+        "",
+        "Per model: does the CoT cite a policy of the prompt's category (every reply in n), "
+        "policy ids that do not exist, does the action the CoT announces match the graded "
+        "answer, and can the answer's action be predicted from the CoT alone "
+        "(cross-validated, against the majority class). See docs/monitorability.md.",
+        "",
+    ]
+    for suite, doc in monitor.items():
+        lines += [f"### {suite}", "", *monitor_table(doc), ""]
+    return lines
+
+
 def cost_rows(summary: dict[str, Any]) -> list[list[str]]:
     gen = summary["generate"]
     total = gen["stats"].get("total", gen["stats"])
-    rows = [
+    rows = []
+    if summary.get("docs"):
+        d = summary["docs"]
+        rows.append(
+            [
+                "docs",
+                f"{d['wall_s']:.0f}",
+                f"generated {d['stats']['total'].get('generated_tokens', 0)} (documents)",
+            ]
+        )
+    rows += [
         [
             "generate",
             f"{gen['wall_s']:.0f}",

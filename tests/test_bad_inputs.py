@@ -388,8 +388,8 @@ CONFIG_CASES = [
     case(
         "config-msm-without-docs",
         validate({"pipeline": {"arms": [{"name": "a", "msm": True}]}}),
-        "pipeline.arms.0",
-        "msm: true needs msm_docs",
+        "pipeline.arms[0]",
+        "needs a `docs:` section",
     ),
     case("config-no-arms", validate({"pipeline": {"arms": []}}), "pipeline.arms"),
     case("config-no-prompt-sources", validate({"prompts": {"sources": []}}), "prompts.sources"),

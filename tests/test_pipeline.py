@@ -1,5 +1,6 @@
-"""The whole pipeline on tiny models: generate -> train two arms -> serve -> eval -> report,
-then a rerun that skips every finished stage."""
+"""The whole pipeline on tiny models: docs -> generate -> midtrain -> train the arms and
+their sweep copies -> serve (in groups) -> eval -> report, then a rerun that skips every
+finished stage."""
 
 from __future__ import annotations
 
@@ -108,56 +109,107 @@ def pipeline_config(tmp: Path, teacher: str, student: str) -> Config:
     )
 
 
-def test_pipeline_end_to_end_and_rerun_skips(
+def test_matrix_pipeline_msm_arm_sweep_and_grouped_serving(
     ray_session,
     scripted_model,  # noqa: F811
     tiny_model,
     tmp_path,
 ):
+    """docs -> generate -> one shared midtraining -> arms (an MSM arm, a plain one and their
+    50% sweep copies) -> served two models at a time -> eval -> a report with the matrix,
+    the monitorability table and the sweep chart."""
     cfg = pipeline_config(tmp_path, scripted_model, tiny_model)
+    engine = {"kind": "hf", "model": tiny_model, "batch_size": 8, "num_cpus": 0.5}
+    docs = {
+        "engine": engine,
+        "sampling": {"max_tokens": 16, "temperature": 0.8},
+        "per_policy": 1,
+        "spec_wide": 1,
+        "min_words": 1,
+        "plan": False,
+        "chat": {"prompts": 2, "engine": engine, "sampling": {"max_tokens": 12}},
+    }
+    pipe = {
+        "arms": [
+            {"name": "cot", "variant": "cot"},
+            {"name": "msm_cot", "variant": "cot", "msm": True},
+        ],
+        "sweep": [0.5],
+        "msm_chat_ratio": 0.3,
+        "msm_max_steps": 2,
+        "serve_models_at_once": 2,
+        # two arms at a time (1 worker each on the 4-CPU test cluster)
+        "parallel_arms": True,
+        "max_parallel_arms": 2,
+    }
+    cfg = Config.model_validate(
+        cfg.model_dump()
+        | {"docs": docs, "pipeline": pipe}
+        | {"train": cfg.train.model_dump() | {"num_workers": 1}}
+    )
     summary = run_pipeline(cfg)
     run = Path(cfg.run_dir)
-
-    stats = summary["generate"]["stats"]["total"]
-    assert stats["prompts"] == len(PROMPTS)
-    assert stats["kept"] >= 2
-    tuples = pq.ParquetDataset(summary["generate"]["tuples"]).read()
-    assert tuples.num_rows == stats["kept"]
-    for arm in ("cot", "no_cot"):
-        t = summary["train"][arm]
-        assert t["variant"] == arm and t["steps"] == 2
-        assert (Path(t["export_dir"]) / "config.json").exists()
-        assert len(Path(t["metrics_path"]).read_text().splitlines()) == 2
+    assert summary["docs"]["stats"]["total"]["planned"] > 0
+    # one midtraining, shared by the MSM arm and its sweep copy
+    stages = sorted(p.stem for p in (run / "stages").glob("*.json"))
+    assert stages == [
+        "docs",
+        "eval",
+        "generate",
+        "midtrain",
+        "train-cot",
+        "train-cot-50pct",
+        "train-msm_cot",
+        "train-msm_cot-50pct",
+    ]
+    mid = json.loads((run / "stages" / "midtrain.json").read_text())
+    assert mid["variant"] == "docs" and mid["steps"] == 2
+    kept = summary["generate"]["stats"]["total"]["kept"]
+    subset = pq.read_table(run / "train" / "subsets" / "tuples-50pct.parquet")
+    assert subset.num_rows == max(1, round(0.5 * kept))
     ev = summary["eval"]
-    assert ev["models"] == ["base", "cot", "no_cot"]
-    for name in ("responses.parquet", "metrics.json", "report.md", "metrics.png"):
-        assert (run / "eval" / name).exists(), name
+    assert ev["models"] == ["base", "cot", "msm_cot", "cot-50pct", "msm_cot-50pct"]
     responses = pq.read_table(run / "eval" / "responses.parquet")
-    assert responses.num_rows == 3 * 3
-    for stage in ("generate", "train-cot", "train-no_cot", "eval"):
-        assert (run / "stages" / f"{stage}.json").exists()
-
+    assert responses.num_rows == 5 * 3
+    assert set(ev["monitor"]["suite"]) == set(ev["models"])
     report = (run / "report.md").read_text()
-    assert (run / "train_curves.png").exists()
+    for fragment in (
+        "## Spec documents (MSM corpus)",
+        "## The matrix",
+        "MSM vs no MSM (cot)",
+        "## AFT data efficiency",
+        "![sweep](sweep.png)",
+        "## CoT monitorability",
+    ):
+        assert fragment in report, fragment
+    assert (run / "sweep.png").exists()
     for fragment in (
         "## Data",
         "## Training",
         "## Evaluation",
         "## Cost",
-        "`cot`",
-        "`no_cot`",
         "`base`",
-        "not_unsafe",
         "not_overrefuse",
         "tuples kept",
     ):
         assert fragment in report, fragment
+    stats = summary["generate"]["stats"]["total"]
+    assert stats["prompts"] == len(PROMPTS) and stats["kept"] >= 2
+    tuples = pq.ParquetDataset(summary["generate"]["tuples"]).read()
+    assert tuples.num_rows == stats["kept"]
+    for arm in ("cot", "msm_cot"):
+        t = summary["train"][arm]
+        assert t["variant"] == "cot" and t["steps"] == 2
+        assert (Path(t["export_dir"]) / "config.json").exists()
+        assert len(Path(t["metrics_path"]).read_text().splitlines()) == 2
+    for name in ("responses.parquet", "metrics.json", "report.md", "metrics.png"):
+        assert (run / "eval" / name).exists(), name
     table = summary_table(summary)
     assert "final train loss [cot]" in table and "report:" in table
 
     again = run_pipeline(cfg)
-    assert again["generate"]["skipped"] and again["eval"]["skipped"]
-    assert all(t["skipped"] for t in again["train"].values())
+    assert again["docs"]["skipped"] and again["generate"]["skipped"]
+    assert again["eval"]["skipped"] and all(t["skipped"] for t in again["train"].values())
     assert again["eval"]["results"] == ev["results"]
     # A changed eval config makes the eval stage stale: refused (before any Serve app starts)
     # unless forced; the stages before it still match and are skipped.

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from deliberate_ray.evals.metrics import LOWER_IS_BETTER, METRICS, REFUSAL_METRICS
+from deliberate_ray.evals.monitor import monitor_table
 
 ABOUT = {
     "not_unsafe": "expected-refuse prompts refused",
@@ -145,6 +146,10 @@ def write_report(doc: dict[str, Any], path: Path) -> None:
         if paired:
             lines += ["Paired differences on the same prompts (exact McNemar p):", ""]
             lines += table(PAIRED_HEADER, paired_rows(paired))
+        monitor = (doc.get("monitor") or {}).get(suite)
+        if monitor:
+            lines += ["CoT monitorability (docs/monitorability.md):", ""]
+            lines += [*monitor_table(monitor), ""]
         jail = {m: e["jailbreak"] for m, e in entries.items() if "jailbreak" in e}
         if jail:
             templates = sorted({t for j in jail.values() for t in j["by_template"]})

@@ -44,6 +44,8 @@ REPLY_FIELDS = (
     "helpful",
     "style_ok",
     "cites_policy",
+    "harm_type",
+    "harmful_action",
 )
 RESPONSES = pa.schema(
     [
@@ -71,6 +73,8 @@ RESPONSES = pa.schema(
         ("helpful", pa.bool_()),
         ("style_ok", pa.bool_()),
         ("cites_policy", pa.bool_()),
+        ("harm_type", pa.string()),
+        ("harmful_action", pa.bool_()),
         ("policy_ok", pa.bool_()),
         ("rubric_score", pa.float64()),
     ]
@@ -83,6 +87,8 @@ def answer_and_grade(
     models: list[str],
     cfg: EvalConfig,
     answered: Callable[[], None] | None = None,
+    groups: list[list[str]] | None = None,
+    serve_group: Callable[[list[str]], str] | None = None,
 ) -> list[dict[str, Any]]:
     """Suite rows -> one graded response dict per (row, model).
 
@@ -93,11 +99,15 @@ def answer_and_grade(
     memory and cores for the classifier)."""
     prompts = [r["messages"][-1]["content"] for r in rows]
     parts = []
-    for model in models:
-        t0 = time.perf_counter()
-        parts.append(collect(request_items(rows, [model], cfg), endpoint, cfg).materialize())
-        took = time.perf_counter() - t0
-        log.info("eval: %s answered %d prompts in %.1f s", model, len(rows), took)
+    for group in groups or [models]:
+        if serve_group is not None:  # this group's models replace the previous group's
+            endpoint = serve_group(group)
+            check_endpoint(endpoint, group, cfg)
+        for model in group:
+            t0 = time.perf_counter()
+            parts.append(collect(request_items(rows, [model], cfg), endpoint, cfg).materialize())
+            took = time.perf_counter() - t0
+            log.info("eval: %s answered %d prompts in %.1f s", model, len(rows), took)
     if answered is not None:
         answered()
     replies = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
@@ -105,6 +115,7 @@ def answer_and_grade(
         "prompts": prompts,
         "expected": [r["expected"] for r in rows],
         "categories": [r["category"] for r in rows],
+        "harm": [r.get("harm") for r in rows],
         "graders": list(cfg.graders),
         "spec_path": cfg.spec,
     }
@@ -166,6 +177,18 @@ def add_rubric_scores(responses: list[dict[str, Any]], suites: list[str], cfg: E
         r["rubric_score"] = score
 
 
+def monitor_by_suite(responses: list[dict[str, Any]], cfg: EvalConfig) -> dict[str, Any]:
+    """CoT-monitorability metrics per suite and model (evals/monitor.py, docs/monitorability.md)."""
+    from deliberate_ray.evals.monitor import monitorability
+
+    spec = load_spec(cfg.spec)
+    out = {}
+    for suite in sorted({r["suite"] for r in responses}):
+        rows = [r for r in responses if r["suite"] == suite]
+        out[suite] = monitorability(rows, spec, cfg.bootstrap, cfg.confidence, cfg.seed)
+    return out
+
+
 def run_eval(
     suites: list[str],
     endpoint: str,
@@ -173,11 +196,15 @@ def run_eval(
     out_dir: str | Path,
     cfg: EvalConfig,
     answered: Callable[[], None] | None = None,
+    groups: list[list[str]] | None = None,
+    serve_group: Callable[[list[str]], str] | None = None,
 ) -> dict[str, Any]:
     """Ask every model every suite prompt, grade, and write responses.parquet, metrics.json,
     report.md and metrics.png under out_dir. Returns the metrics document. `answered` runs
     once every reply is in, before grading (not with an LLM judge that may ask the
-    endpoint)."""
+    endpoint). With `serve_group`, the models are served `groups` at a time: it serves one
+    group and returns its endpoint (`endpoint` is then unused), so a small machine never
+    holds more engines than a group."""
     import ray
 
     if not models:
@@ -188,12 +215,13 @@ def run_eval(
             f"models {models}"
         )
     rows = [r for s in suites for r in load_suite(s, cfg.limit)]
-    check_endpoint(endpoint, models, cfg)
+    if serve_group is None:
+        check_endpoint(endpoint, models, cfg)
     if not ray.is_initialized():
         ray.init()
     start = time.time()
     responses = answer_and_grade(
-        rows, endpoint, models, cfg, answered if cfg.judge is None else None
+        rows, endpoint, models, cfg, answered if cfg.judge is None else None, groups, serve_group
     )
     style_source = add_style_and_policy(responses, cfg)
     add_rubric_scores(responses, suites, cfg)
@@ -209,6 +237,7 @@ def run_eval(
         "baseline": cfg.baseline or models[0],
         "results": compute_metrics(responses, cfg),
         "paired": compare_models(responses, models, cfg),
+        "monitor": monitor_by_suite(responses, cfg),
     }
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -49,12 +49,19 @@ class ShardStore:
     (StaleOutput) rather than resumed, so old and new tuples never mix. `fresh=True`
     deletes them first."""
 
-    def __init__(self, root: str | Path, key: str = "", fresh: bool = False):
+    def __init__(
+        self,
+        root: str | Path,
+        key: str = "",
+        fresh: bool = False,
+        tables: dict[str, pa.Schema] | None = None,
+    ):
         self.root = Path(root)
         self.key = key
+        self.tables = TABLES if tables is None else tables
         if fresh:
             self.clear()
-        for name in [*TABLES, COMMITS]:
+        for name in [*self.tables, COMMITS]:
             (self.root / name).mkdir(parents=True, exist_ok=True)
         self.commits = self._read_commits()
         other = sorted({c.get("key", "(none)") for c in self.commits.values()} - {key})
@@ -79,7 +86,7 @@ class ShardStore:
         return out
 
     def _remove_uncommitted(self) -> None:
-        for name in TABLES:
+        for name in self.tables:
             for f in (self.root / name).iterdir():
                 shard = f.name.removeprefix("part-").removesuffix(".parquet")
                 if f.name.startswith(".tmp-") or (
@@ -91,7 +98,7 @@ class ShardStore:
         """Delete every shard, commit and stats file of a previous run."""
         import shutil
 
-        for name in [*TABLES, COMMITS]:
+        for name in [*self.tables, COMMITS]:
             shutil.rmtree(self.root / name, ignore_errors=True)
         for name in ("stats.json", "README.md"):
             (self.root / name).unlink(missing_ok=True)
@@ -116,8 +123,8 @@ class ShardStore:
         """Write one shard's parts, then its commit file (the moment the shard counts)."""
         shard = f"{self.run_tag}-{self.seq:05d}"
         self.seq += 1
-        for name, schema in TABLES.items():
-            if tables[name]:  # no empty files: `datasets` cannot read a zero-row part
+        for name, schema in self.tables.items():
+            if tables.get(name):  # no empty files: `datasets` cannot read a zero-row part
                 table = pa.Table.from_pylist(tables[name], schema=schema)
                 _atomic_write(self.root / name / f"part-{shard}.parquet", table)
         record = {"shard": shard, "key": self.key, "ids": ids, "stats": stats}
