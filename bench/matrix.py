@@ -5,8 +5,9 @@ the matrix table and the docs corpus card, kept under bench/results/.
     python bench/matrix.py --sweep         # then configs/matrix-sweep.yaml --force on it
 
 Writes bench/results/matrix.json (stage times, totals, the matrix contrasts), and copies
-the run's report.md, sweep.png and the docs card to bench/results/matrix_report.md,
-matrix_sweep.png and matrix_docs_card.md.
+the run's report.md and the docs card to bench/results/matrix_report.md and
+matrix_docs_card.md; with --sweep also the sweep run's report and chart
+(matrix_sweep_report.md, matrix_sweep.png).
 """
 
 from __future__ import annotations
@@ -74,29 +75,35 @@ def main() -> None:
     ap.add_argument("--run-dir", default=str(ROOT / "runs" / "matrix-bench"))
     ap.add_argument("--sweep", action="store_true", help="then run the sweep config on it")
     ap.add_argument("--keep", action="store_true", help="reuse an existing run_dir")
+    ap.add_argument(
+        "--sweep-only", action="store_true", help="only the sweep, on an existing matrix run_dir"
+    )
     args = ap.parse_args()
     run_dir = Path(args.run_dir).resolve()
-    if run_dir.exists() and not args.keep:
+    if run_dir.exists() and not (args.keep or args.sweep_only):
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    doc: dict = {"run_dir": str(run_dir)}
-    cfg = config_with_run_dir("matrix.yaml", run_dir, run_dir.parent / "matrix-bench.yaml")
-    doc["matrix_wall_s"] = round(run(cfg, False, run_dir.parent / "matrix-bench.log"), 1)
-    doc["matrix_stages_s"] = stage_times(run_dir)
-    doc["contrasts"] = contrasts(run_dir, cfg)
-    shutil.copy(run_dir / "report.md", RESULTS / "matrix_report.md")
-    shutil.copy(run_dir / "docs" / "README.md", RESULTS / "matrix_docs_card.md")
-    if args.sweep:
+    out = RESULTS / "matrix.json"
+    doc: dict = json.loads(out.read_text()) if args.sweep_only and out.exists() else {}
+    doc["run_dir"] = str(run_dir)
+    if not args.sweep_only:
+        cfg = config_with_run_dir("matrix.yaml", run_dir, run_dir.parent / "matrix-bench.yaml")
+        doc["matrix_wall_s"] = round(run(cfg, False, run_dir.parent / "matrix-bench.log"), 1)
+        doc["matrix_stages_s"] = stage_times(run_dir)
+        doc["contrasts"] = contrasts(run_dir, cfg)
+        shutil.copy(run_dir / "report.md", RESULTS / "matrix_report.md")
+        shutil.copy(run_dir / "docs" / "README.md", RESULTS / "matrix_docs_card.md")
+    if args.sweep or args.sweep_only:
         scfg = config_with_run_dir(
             "matrix-sweep.yaml", run_dir, run_dir.parent / "matrix-sweep-bench.yaml"
         )
         doc["sweep_wall_s"] = round(run(scfg, True, run_dir.parent / "matrix-sweep-bench.log"), 1)
         doc["sweep_stages_s"] = stage_times(run_dir)
-        shutil.copy(run_dir / "report.md", RESULTS / "matrix_report.md")
+        shutil.copy(run_dir / "report.md", RESULTS / "matrix_sweep_report.md")
         if (run_dir / "sweep.png").exists():
             shutil.copy(run_dir / "sweep.png", RESULTS / "matrix_sweep.png")
-    (RESULTS / "matrix.json").write_text(json.dumps(doc, indent=2) + "\n")
+    out.write_text(json.dumps(doc, indent=2) + "\n")
     print(json.dumps({k: v for k, v in doc.items() if k != "contrasts"}, indent=2))
 
 

@@ -195,6 +195,11 @@ def train_arms(
         return {a.name: train_arm(cfg, stages, a, tuples, upstream, mid_of(a)) for a in arms}
     from concurrent.futures import ThreadPoolExecutor
 
+    import ray
+
+    if not ray.is_initialized():  # once, here: threads racing to start Ray would fail
+        ray.init()
+
     workers = min(len(arms), pipe.max_parallel_arms or len(arms))
     with ThreadPoolExecutor(workers, thread_name_prefix="arm") as pool:
         futures = {
@@ -308,9 +313,11 @@ def _run_pipeline(cfg: Config, force: bool) -> dict[str, Any]:
         signature(cfg.serve, cfg.eval, pipe.compare_base, arm_sigs),
         lambda marker: [str(run_dir / "eval")],
     )
+    midtrained = {f.stem: json.loads(f.read_text()) for f in stages.dir.glob("midtrain*.json")}
     summary = {
         "run_dir": str(run_dir),
         "docs": docs,
+        "midtrain": midtrained,
         "generate": gen,
         "train": trained,
         "eval": ev,

@@ -132,7 +132,7 @@ def write_report(cfg: Config, summary: dict[str, Any]) -> Path:
                 f"{t['final_loss']:.4f}" if t.get("final_loss") is not None else "-",
                 f"`{t.get('export_dir')}`",
             ]
-            for a, t in train.items()
+            for a, t in [*(summary.get("midtrain") or {}).items(), *train.items()]
         ],
     )
     if plot_curves(train, run_dir / "train_curves.png"):
@@ -211,7 +211,7 @@ def cost_rows(summary: dict[str, Any]) -> list[list[str]]:
             f"out {total.get('judge_generated_tokens', 0)}",
         ]
     ]
-    for arm, t in summary["train"].items():
+    for arm, t in [*(summary.get("midtrain") or {}).items(), *summary["train"].items()]:
         curve = read_jsonl(t["metrics_path"])
         tokens = curve[-1].get("tokens_seen") if curve else None
         rows.append(

@@ -109,3 +109,26 @@ def test_secrets_reach_nodes_by_environment_and_the_dashboard_stays_private():
     assert "HF_TOKEN" not in job["spec"].get("runtimeEnvYAML", "")
     readme = (ROOT / "README.md").read_text()
     assert '--runtime-env-json \'{"env_vars": {"HF_TOKEN"' not in readme
+
+
+def test_shared_storage_that_the_configs_use_is_mounted_on_every_node():
+    """Cluster configs keep run_dir (checkpoints, exports the Serve replicas load, eval
+    outputs) under /mnt/cluster_storage: cluster.yaml mounts it on every node at start and
+    the RayJob mounts it in every pod."""
+    mount = "/mnt/cluster_storage"
+    used = [
+        p.name
+        for p in sorted((ROOT / "configs").glob("*cluster*.yaml"))
+        if yaml.safe_load(p.read_text())["run_dir"].startswith(mount)
+    ]
+    assert used, "the cluster configs no longer use the shared mount: update this test"
+    setup = " ".join(yaml.safe_load((ROOT / "cluster.yaml").read_text())["setup_commands"])
+    assert "mount -t nfs4" in setup and mount in setup
+    job = yaml.safe_load((ROOT / "k8s" / "rayjob.yaml").read_text())["spec"]["rayClusterSpec"]
+    pods = [job["headGroupSpec"]["template"]["spec"]] + [
+        g["template"]["spec"] for g in job["workerGroupSpecs"]
+    ]
+    for pod in pods:
+        claims = {v["name"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
+        mounts = {m["mountPath"]: m["name"] for c in pod["containers"] for m in c["volumeMounts"]}
+        assert mounts.get(mount) in claims

@@ -384,3 +384,20 @@ def test_kept_columns_cross_the_vllm_processor_whatever_their_nulls():
     assert [r["id"] for r in back] == ["a", "b"]
     assert back[0]["checks"] is None and back[1]["checks"] == {"ok": True, "ids": ["VIO-1"]}
     assert back[1]["generated_text"] == "y" and back[1]["finish_reason"] == "stop"
+
+
+@pytest.mark.ray
+def test_http_key_is_no_actor_argument(ray_session, monkeypatch):
+    """The processor's headers and its session factory's arguments hold no key: only an
+    object-store reference that the actor's session reads (issue: secrets never travel as
+    actor arguments)."""
+    from deliberate_ray.engines.http import processor_config
+
+    monkeypatch.setenv("STUB_KEY", "sk-secret-123")
+    cfg = EngineConfig(kind="http", base_url="http://x/v1", api_key_env="STUB_KEY")
+    pc = processor_config(cfg)
+    assert "sk-secret-123" not in str(pc.headers)
+    factory = pc.session_factory
+    assert "sk-secret-123" not in repr(factory.args) + repr(factory.keywords)
+    ref = factory.args[1]
+    assert ray_session.get(ref) == "sk-secret-123"

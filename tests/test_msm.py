@@ -252,7 +252,7 @@ def test_sweep_expands_arms_and_oriented_flips():
         PipelineConfig(sweep=[1.0])
 
 
-def test_matrix_configs_hold_the_four_arms_and_differ_only_by_the_sweep():
+def test_matrix_configs_hold_the_four_arms_and_differ_only_by_the_sweep_and_eval():
     from deliberate_ray.config import load_config
 
     matrix = load_config(ROOT / "configs" / "matrix.yaml")
@@ -266,8 +266,11 @@ def test_matrix_configs_hold_the_four_arms_and_differ_only_by_the_sweep():
     }
     assert matrix.docs is not None and pipe.sweep == []
     assert sweep.pipeline.sweep == [0.25, 0.5]
-    same = sweep.model_copy(update={"pipeline": sweep.pipeline.model_copy(update={"sweep": []})})
-    # the sweep config must reuse the matrix run's finished stages: everything else equal
+    same = sweep.model_copy(
+        update={"pipeline": sweep.pipeline.model_copy(update={"sweep": []}), "eval": matrix.eval}
+    )
+    # the sweep config must reuse the matrix run's finished stages: all but the eval equal
     assert same == matrix
+    assert sweep.eval.limit == 48
     cluster = load_config(ROOT / "configs" / "cluster-matrix.yaml")
     assert len(cluster.pipeline.expanded_arms()) == 12 and cluster.docs.judge.llm

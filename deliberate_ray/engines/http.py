@@ -1,8 +1,12 @@
 """Any OpenAI-compatible chat endpoint through `ray.data.llm.HttpRequestProcessorConfig`.
 
 The API key comes from the environment variable named by `api_key_env` (never from the
-config file). A prefilled assistant turn is sent with vLLM's `continue_final_message`
-extension, so prefill needs a vLLM-style server (our Serve app or `vllm serve`).
+config file). It reaches the HTTP actors through Ray's object store (`key_ref`): their
+constructor arguments hold only a reference, so the key is in no actor argument, runtime
+env or log; each actor's session sends it as its default Authorization header.
+
+A prefilled assistant turn is sent with vLLM's `continue_final_message` extension, so
+prefill needs a vLLM-style server (our Serve app or `vllm serve`).
 
 Ray Data stores the payloads as an Arrow struct, which gives every row every key (null where
 a row has none); the session drops those nulls, so a hosted API never sees a key it would
@@ -31,16 +35,34 @@ def chat_url(base_url: str) -> str:
     return base if base.endswith("/chat/completions") else base + "/chat/completions"
 
 
-def headers(cfg: EngineConfig) -> dict[str, str]:
+def api_key(cfg: EngineConfig) -> str | None:
+    """The key `api_key_env` names (None without one); an unset variable is an error."""
     if not cfg.api_key_env:
-        return {}
+        return None
     key = os.environ.get(cfg.api_key_env)
     if not key:
         raise ValueError(
             f"engine.api_key_env names {cfg.api_key_env!r}, but that environment variable "
             "is not set (export it before the run)"
         )
-    return {"Authorization": f"Bearer {key}"}
+    return key
+
+
+# The driver keeps each key's object alive while its runs use it.
+_KEY_REFS: dict[str, Any] = {}
+
+
+def key_ref(cfg: EngineConfig) -> Any:
+    """The key as an object-store reference for the HTTP actors (None without a key)."""
+    key = api_key(cfg)
+    if key is None:
+        return None
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()
+    _KEY_REFS[cfg.api_key_env] = ref = ray.put(key)  # type: ignore[index]
+    return ref
 
 
 def processor_config(cfg: EngineConfig) -> Any:
@@ -49,12 +71,12 @@ def processor_config(cfg: EngineConfig) -> Any:
     assert cfg.base_url is not None  # EngineConfig validates it for kind http
     return HttpRequestProcessorConfig(
         url=chat_url(cfg.base_url),
-        headers=headers(cfg),
+        headers={},  # the key travels by reference (key_ref), not as an actor argument
         qps=cfg.qps,
         max_retries=cfg.max_retries,
         batch_size=cfg.batch_size,
         concurrency=cfg.concurrency,
-        session_factory=functools.partial(NullDroppingSession, cfg.timeout_s),
+        session_factory=functools.partial(NullDroppingSession, cfg.timeout_s, key_ref(cfg)),
     )
 
 
@@ -67,10 +89,17 @@ class NullDroppingSession:
     a time and the server could never batch them. Here `post` returns a running task, so a
     batch of n rows is n requests in flight together (retries call `post` again)."""
 
-    def __init__(self, timeout_s: float):
+    def __init__(self, timeout_s: float, key: Any = None):
         import aiohttp
 
-        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s))
+        headers = None
+        if key is not None:  # an object-store reference to the API key (key_ref)
+            import ray
+
+            headers = {"Authorization": f"Bearer {ray.get(key)}"}
+        self.session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=timeout_s), headers=headers
+        )
 
     async def __aenter__(self) -> NullDroppingSession:
         await self.session.__aenter__()

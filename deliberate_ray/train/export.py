@@ -29,7 +29,9 @@ def export_hf(checkpoint_dir: str, cfg: TrainConfig, out_dir: Path) -> dict[str,
     from transformers import AutoConfig, AutoTokenizer
 
     base_dtype = AutoConfig.from_pretrained(cfg.model).dtype or torch.float32
-    model: Any = load_base_model(cfg.model)
+    # In the model's own dtype (bf16 for most): an 8B model is 16 GB, not fp32's 32 GB; the
+    # checkpoint's fp32 master weights are cast as they are copied in.
+    model: Any = load_base_model(cfg.model, dtype=base_dtype)
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora)
     load_model_weights(checkpoint_dir, model, cfg.lora.enabled)

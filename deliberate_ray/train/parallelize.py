@@ -16,8 +16,10 @@ from torch.distributed.device_mesh import DeviceMesh
 from deliberate_ray.config import LoraConfig, TrainConfig
 
 
-def load_base_model(path: str, attn_implementation: str = "sdpa") -> Any:
-    """The base model in fp32 (master weights), as plain weights.
+def load_base_model(
+    path: str, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32
+) -> Any:
+    """The base model in fp32 (master weights; `dtype` for the export), as plain weights.
 
     A config saved from a GGUF conversion still names its quantization; loading with it
     would mark the model as quantized, which refuses `save_pretrained` at export.
@@ -28,7 +30,7 @@ def load_base_model(path: str, attn_implementation: str = "sdpa") -> Any:
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     return AutoModelForCausalLM.from_pretrained(
-        path, config=config, dtype=torch.float32, attn_implementation=attn_implementation
+        path, config=config, dtype=dtype, attn_implementation=attn_implementation
     )
 
 

@@ -126,9 +126,26 @@ def run_train(
         log.warning("no checkpoint to export (num_workers=0 runs without Ray Train storage)")
         return summary
     summary["checkpoint_path"] = result.checkpoint.path
-    with result.checkpoint.as_directory() as ckpt_dir:
-        summary.update(export_hf(ckpt_dir, tcfg, out_dir / "export"))
+    summary.update(export_on_worker(result.checkpoint, tcfg, out_dir / "export"))
     return summary
+
+
+def export_on_worker(checkpoint: Any, tcfg: TrainConfig, out_dir: Path) -> dict[str, Any]:
+    """The HF export as a Ray task on a worker like the training's (a GPU node when training
+    used GPUs), not in the driver: it loads the base model in its own dtype and reads only
+    the model's shards of the checkpoint. `out_dir` must be on storage the driver and the
+    Serve replicas see (the cluster configs put run_dir on shared storage)."""
+    import ray
+
+    def export(ckpt: Any) -> dict[str, Any]:
+        with ckpt.as_directory() as ckpt_dir:
+            return export_hf(ckpt_dir, tcfg, out_dir)
+
+    resources = dict(tcfg.resources_per_worker or {})
+    num_cpus = resources.pop("CPU", 1)
+    num_gpus = resources.pop("GPU", 1 if tcfg.use_gpu else 0)
+    task = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, resources=resources or None)(export)
+    return ray.get(task.remote(checkpoint))
 
 
 def fit_and_release(trainer: Any) -> Any:
