@@ -296,50 +296,44 @@ def eval_(
     typer.echo(f"wrote {out}/responses.parquet, metrics.json, report.md, metrics.png")
 
 
+ProgressOpt = Annotated[bool, typer.Option(help="Show a progress bar.")]
+FreshOpt = Annotated[
+    bool, typer.Option("--fresh", help="Delete the output_dir's earlier shards first.")
+]
+
+
+def run_resumable(config: str, section: str, progress: bool, fresh: bool) -> None:
+    """A stage that commits shards and resumes (generate, docs): load, check its section,
+    run, print its summary; config problems exit 2 with the message."""
+    from deliberate_ray.config import load_config
+
+    if section == "generate":
+        from deliberate_ray.generate import run_generate as run
+        from deliberate_ray.generate.run import summary
+    else:
+        from deliberate_ray.msm import run_docs as run
+        from deliberate_ray.msm.docs import summary
+    try:
+        cfg = load_config(config)
+        if getattr(cfg, section) is None:
+            example = "configs/demo.yaml" if section == "generate" else "configs/matrix.yaml"
+            raise ValueError(f"{config} has no `{section}:` section (see {example})")
+        result = run(cfg, progress=progress, fresh=fresh)
+    except (ConfigError, ValueError) as e:
+        fail(str(e))
+    typer.echo(summary(result))
+
+
 @app.command()
-def generate(
-    config: ConfigOpt,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
-    fresh: Annotated[
-        bool, typer.Option("--fresh", help="Delete the output_dir's earlier shards first.")
-    ] = False,
-) -> None:
+def generate(config: ConfigOpt, progress: ProgressOpt = True, fresh: FreshOpt = False) -> None:
     """Generate spec-grounded CoT tuples (teacher, judge, best of n); a rerun resumes."""
-    from deliberate_ray.config import load_config
-    from deliberate_ray.generate import run_generate
-    from deliberate_ray.generate.run import summary
-
-    try:
-        cfg = load_config(config)
-        if cfg.generate is None:
-            raise ValueError(f"{config} has no `generate:` section")
-        result = run_generate(cfg, progress=progress, fresh=fresh)
-    except (ConfigError, ValueError) as e:
-        fail(str(e))
-    typer.echo(summary(result))
+    run_resumable(config, "generate", progress, fresh)
 
 
 @app.command()
-def docs(
-    config: ConfigOpt,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
-    fresh: Annotated[
-        bool, typer.Option("--fresh", help="Delete the output_dir's earlier shards first.")
-    ] = False,
-) -> None:
+def docs(config: ConfigOpt, progress: ProgressOpt = True, fresh: FreshOpt = False) -> None:
     """Write the spec-document corpus for Model Spec Midtraining; a rerun resumes."""
-    from deliberate_ray.config import load_config
-    from deliberate_ray.msm import run_docs
-    from deliberate_ray.msm.docs import summary
-
-    try:
-        cfg = load_config(config)
-        if cfg.docs is None:
-            raise ValueError(f"{config} has no `docs:` section (see configs/matrix.yaml)")
-        result = run_docs(cfg, progress=progress, fresh=fresh)
-    except (ConfigError, ValueError) as e:
-        fail(str(e))
-    typer.echo(summary(result))
+    run_resumable(config, "docs", progress, fresh)
 
 
 @app.command()

@@ -199,6 +199,9 @@ def train_arms(
 
     if not ray.is_initialized():  # once, here: threads racing to start Ray would fail
         ray.init()
+    # transformers resolves its lazy attributes on first use, and threads racing through
+    # that fail ("cannot import name 'AutoTokenizer'"): resolve them here, once.
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: F401
 
     workers = min(len(arms), pipe.max_parallel_arms or len(arms))
     with ThreadPoolExecutor(workers, thread_name_prefix="arm") as pool:

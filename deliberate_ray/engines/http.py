@@ -48,6 +48,12 @@ def api_key(cfg: EngineConfig) -> str | None:
     return key
 
 
+def headers(cfg: EngineConfig) -> dict[str, str]:
+    """The Authorization header for requests the driver itself sends (the endpoint check)."""
+    key = api_key(cfg)
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
 # The driver keeps each key's object alive while its runs use it.
 _KEY_REFS: dict[str, Any] = {}
 
