@@ -1244,6 +1244,12 @@ class Config(StrictModel):
                     f"pipeline.arms[{i}] ({arm.name}): msm: true without msm_docs needs a "
                     "`docs:` section (the spec-document corpus to midtrain on) or msm_docs files"
                 )
+            if arm.msm and not arm.msm_docs and self.spec.variant not in self.docs.variants:
+                raise ValueError(
+                    f"pipeline.arms[{i}] ({arm.name}) midtrains on the docs corpus of "
+                    f"spec.variant {self.spec.variant!r}, but docs.variants is "
+                    f"{self.docs.variants}: add {self.spec.variant!r} to it"
+                )
         return self
 
 

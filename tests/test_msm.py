@@ -149,6 +149,16 @@ def test_near_duplicates_and_trimming():
     assert trim_to_sentence("no sentence end") == "no sentence end"
 
 
+def test_msm_arm_needs_the_docs_variant_of_the_spec():
+    data = {
+        "spec": {"variant": "values"},
+        "docs": {"variants": ["rules"]},
+        "pipeline": {"arms": [{"name": "m", "msm": True}]},
+    }
+    with pytest.raises(ValueError, match=r"pipeline.arms\[0\] \(m\).*docs.variants"):
+        Config.model_validate(data)
+
+
 def test_docs_config_rejects_nothing_to_write():
     with pytest.raises(ValueError, match="no documents"):
         DocsConfig(per_policy=0, spec_wide=0)

@@ -316,16 +316,18 @@ def written(batch: pa.Table) -> pa.Table:
         if r["kind"] == "doc" and r["finish_reason"] != "skipped":
             title, text = split_title(r, text)
             row["title"] = title
-        rows.append(
-            row
-            | {
-                "text": text,
-                "finish_reason": r["finish_reason"],
-                "writer_error": r["engine_error"],
-                "generated_tokens": r["num_generated_tokens"],
-            }
-        )
+        rows.append(row | engine_text(r, text))
     return pa.Table.from_pylist(rows, schema=pa.schema(WRITTEN_COLS))
+
+
+def engine_text(r: dict[str, Any], text: str) -> dict[str, Any]:
+    """The written columns of one engine output row."""
+    return {
+        "text": text,
+        "finish_reason": r["finish_reason"],
+        "writer_error": r["engine_error"],
+        "generated_tokens": r["num_generated_tokens"],
+    }
 
 
 def chat_answers(batch: pa.Table) -> pa.Table:
@@ -334,12 +336,7 @@ def chat_answers(batch: pa.Table) -> pa.Table:
     for r in batch.to_pylist():
         row = {f.name: r.get(f.name) for f in WRITTEN_COLS}
         if r["kind"] == "chat":
-            row |= {
-                "text": r["generated_text"] or "",
-                "finish_reason": r["finish_reason"],
-                "writer_error": r["engine_error"],
-                "generated_tokens": r["num_generated_tokens"],
-            }
+            row |= engine_text(r, r["generated_text"] or "")
         rows.append(row)
     return pa.Table.from_pylist(rows, schema=pa.schema(WRITTEN_COLS))
 
