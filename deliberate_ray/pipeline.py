@@ -116,6 +116,18 @@ def midtrain(
             )
         data = [docs["documents"][cfg.spec.variant]]
         upstream = docs["signature"]
+        if not any(Path(data[0]).glob("part-*.parquet")):
+            total = docs.get("stats", {}).get("total", {})
+            rejected = ", ".join(f"{k} {v}" for k, v in sorted(total.get("rejected", {}).items()))
+            raise ConfigError(
+                "docs",
+                [
+                    f"the docs stage kept no {cfg.spec.variant!r} documents to midtrain on "
+                    f"(planned {total.get('planned', 0)}, rejected: {rejected or 'none'}) -> "
+                    f"read {docs['output_dir']}/README.md and its quarantine, adjust `docs:` "
+                    "(writer, max_tokens, min_words) and rerun"
+                ],
+            )
         if pipe.msm_chat_ratio > 0 and any(Path(docs["chat"]).glob("part-*.parquet")):
             changes |= {"mix_data": docs["chat"], "mix_ratio": pipe.msm_chat_ratio}
     msm_cfg = cfg.model_copy(update={"train": override(cfg.train, "train", **changes)})

@@ -164,6 +164,28 @@ def test_docs_config_rejects_nothing_to_write():
         DocsConfig(per_policy=0, spec_wide=0)
 
 
+def test_midtraining_on_an_empty_corpus_says_why(tmp_path):
+    """A docs stage that kept nothing is refused before training, with the rejection counts
+    and where to look (not a Parquet reader's 'no files found')."""
+    from deliberate_ray.config import ConfigError
+    from deliberate_ray.pipeline import midtrain
+
+    cfg = docs_config(tmp_path, "unused")
+    cfg = Config.model_validate(cfg.model_dump() | {"train": {"model": "unused"}})
+    empty = tmp_path / "run" / "docs" / "documents_values"
+    empty.mkdir(parents=True)
+    docs = {
+        "documents": {"values": str(empty)},
+        "chat": str(tmp_path / "run" / "docs" / "chat"),
+        "output_dir": str(tmp_path / "run" / "docs"),
+        "signature": "s",
+        "stats": {"total": {"planned": 33, "rejected": {"too_short": 33}}},
+    }
+    arm = ArmConfig(name="msm_cot", variant="cot", msm=True)
+    with pytest.raises(ConfigError, match=r"kept no 'values'.*planned 33.*too_short 33"):
+        midtrain(cfg, None, arm, docs)  # type: ignore[arg-type]
+
+
 # ------------------------------------------------------------------ the stage on Ray
 
 
