@@ -85,7 +85,13 @@ def main() -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / "matrix.json"
-    doc: dict = json.loads(out.read_text()) if args.sweep_only and out.exists() else {}
+    old: dict = json.loads(out.read_text()) if out.exists() else {}
+    if "sweep_wall_s" in old and "sweep_run_dir" not in old:
+        old["sweep_run_dir"] = old["run_dir"]  # files written before the key existed
+    # A matrix run alone keeps the last sweep's numbers, under the run_dir they came from.
+    doc: dict = {k: v for k, v in old.items() if k.startswith("sweep_")}
+    if args.sweep_only:
+        doc = old
     doc["run_dir"] = str(run_dir)
     if not args.sweep_only:
         cfg = config_with_run_dir("matrix.yaml", run_dir, run_dir.parent / "matrix-bench.yaml")
@@ -99,6 +105,7 @@ def main() -> None:
             "matrix-sweep.yaml", run_dir, run_dir.parent / "matrix-sweep-bench.yaml"
         )
         doc["sweep_wall_s"] = round(run(scfg, True, run_dir.parent / "matrix-sweep-bench.log"), 1)
+        doc["sweep_run_dir"] = str(run_dir)
         doc["sweep_stages_s"] = stage_times(run_dir)
         shutil.copy(run_dir / "report.md", RESULTS / "matrix_sweep_report.md")
         if (run_dir / "sweep.png").exists():

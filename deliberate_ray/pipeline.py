@@ -191,21 +191,22 @@ def train_arms(
     upstream: str = "",
     docs: dict[str, Any] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Midtrain once per distinct MSM setting, then every arm (sweep copies included), one
-    after another or (`parallel_arms`) at the same time in threads, each its own Ray Train
-    run; results in the arms' order, the first failure raised."""
+    """Midtrain once per distinct MSM setting and train every arm (sweep copies included),
+    one after another or (`parallel_arms`) at the same time in threads, each its own Ray
+    Train run; results in the arms' order, the first failure raised."""
     arms = pipe.expanded_arms()
-    mids: dict[str, dict[str, Any]] = {}
-    for arm in arms:
-        if arm.msm and midtrain_key(arm) not in mids:
-            mids[midtrain_key(arm)] = midtrain(cfg, stages, arm, docs)
-
-    def mid_of(arm: ArmConfig) -> dict[str, Any] | None:
-        return mids[midtrain_key(arm)] if arm.msm else None
-
     if not pipe.parallel_arms or len(arms) < 2:
-        return {a.name: train_arm(cfg, stages, a, tuples, upstream, mid_of(a)) for a in arms}
-    from concurrent.futures import ThreadPoolExecutor
+        mids: dict[str, dict[str, Any]] = {}
+        for arm in arms:
+            if arm.msm and midtrain_key(arm) not in mids:
+                mids[midtrain_key(arm)] = midtrain(cfg, stages, arm, docs)
+        return {
+            a.name: train_arm(
+                cfg, stages, a, tuples, upstream, mids.get(midtrain_key(a)) if a.msm else None
+            )
+            for a in arms
+        }
+    from concurrent.futures import Future, ThreadPoolExecutor
 
     import ray
 
@@ -215,13 +216,29 @@ def train_arms(
     # that fail ("cannot import name 'AutoTokenizer'"): resolve them here, once.
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: F401
 
+    # The midtraining needs only the docs: it runs beside the arms that start from the base
+    # model (one Ray Train worker leaves the other cores to them), and each MSM arm starts
+    # when its midtrained model is there. Plain arms are queued first, so that a waiting MSM
+    # arm never holds a slot a plain arm could use.
+    keys = list(dict.fromkeys(midtrain_key(a) for a in arms if a.msm))
     workers = min(len(arms), pipe.max_parallel_arms or len(arms))
-    with ThreadPoolExecutor(workers, thread_name_prefix="arm") as pool:
-        futures = {
-            a.name: pool.submit(train_arm, cfg, stages, a, tuples, upstream, mid_of(a))
-            for a in arms
+    with (
+        ThreadPoolExecutor(max(1, len(keys)), thread_name_prefix="midtrain") as mid_pool,
+        ThreadPoolExecutor(workers, thread_name_prefix="arm") as pool,
+    ):
+        first = {midtrain_key(a): a for a in reversed(arms) if a.msm}
+        mids_f: dict[str, Future] = {
+            k: mid_pool.submit(midtrain, cfg, stages, first[k], docs) for k in keys
         }
-        return {name: f.result() for name, f in futures.items()}
+
+        def run_arm(a: ArmConfig) -> dict[str, Any]:
+            mid = mids_f[midtrain_key(a)].result() if a.msm else None
+            return train_arm(cfg, stages, a, tuples, upstream, mid)
+
+        futures = {a.name: pool.submit(run_arm, a) for a in sorted(arms, key=lambda a: a.msm)}
+        for f in mids_f.values():  # a failed midtraining is the error to show
+            f.result()
+        return {a.name: futures[a.name].result() for a in arms}
 
 
 def midtrain_key(arm: ArmConfig) -> str:
