@@ -19,6 +19,7 @@ class StubServer:
         self.reply = reply
         self.api_key = api_key
         self.delay_s = 0.0  # per request: a slow endpoint, so a test can kill a run midway
+        self.fail_next = 0  # the next n requests answer 500 (a server that died mid-request)
         self.requests: list[dict[str, Any]] = []
         self.in_flight = 0  # requests being answered now, and the most at once
         self.max_in_flight = 0
@@ -49,6 +50,10 @@ class StubServer:
                     return self._send(404, {"error": {"message": f"no route {self.path}"}})
                 if stub.api_key and self.headers.get("Authorization") != f"Bearer {stub.api_key}":
                     return self._send(401, {"error": {"message": "bad api key"}})
+                with stub._lock:
+                    fail, stub.fail_next = stub.fail_next > 0, max(0, stub.fail_next - 1)
+                if fail:
+                    return self._send(500, {"error": {"message": "replica died"}})
                 with stub._lock:
                     stub.in_flight += 1
                     stub.max_in_flight = max(stub.max_in_flight, stub.in_flight)

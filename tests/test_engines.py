@@ -176,6 +176,29 @@ def test_http_engine_sends_a_batch_at_once(ray_session):
     }
 
 
+@pytest.mark.ray
+def test_http_engine_retries_server_errors_and_counts_what_still_fails(ray_session):
+    """A 500 (what a Serve replica that dies mid-request answers) is tried again; a row whose
+    tries all fail becomes an engine error."""
+    with StubServer(echo) as server:
+        cfg = EngineConfig(
+            kind="http", model="stub", base_url=server.base_url, batch_size=1, concurrency=1,
+            max_retries=2,
+        )  # fmt: skip
+        rows = rows_for_engine()[:1]
+        server.fail_next = 2  # the first two tries fail, the third answers
+        out = apply_engine(ray_session.data.from_arrow(request_table(rows)), cfg, ["id"]).take_all()
+        assert [r["generated_text"] for r in out] == ["echo: Hello"]
+        assert len(server.requests) == 3
+        server.requests.clear()
+        server.fail_next = 3  # all three tries fail: a counted error row, not a failed run
+        out = apply_engine(ray_session.data.from_arrow(request_table(rows)), cfg, ["id"]).take_all()
+    assert [r["finish_reason"] for r in out] == ["error"]
+    assert "failed after 3 tries" in out[0]["engine_error"]
+    assert "replica died" in out[0]["engine_error"]
+    assert len(server.requests) == 3
+
+
 def test_http_key_must_be_in_the_environment(monkeypatch):
     from deliberate_ray.engines.http import processor_config
 

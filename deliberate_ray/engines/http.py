@@ -79,23 +79,38 @@ def processor_config(cfg: EngineConfig) -> Any:
         url=chat_url(cfg.base_url),
         headers={},  # the key travels by reference (key_ref), not as an actor argument
         qps=cfg.qps,
-        max_retries=cfg.max_retries,
+        # The session retries (NullDroppingSession._send): Ray's stage would raise once its
+        # retries ran out, failing the whole dataset, and it never retries a 500.
+        max_retries=0,
         batch_size=cfg.batch_size,
         concurrency=cfg.concurrency,
-        session_factory=functools.partial(NullDroppingSession, cfg.timeout_s, key_ref(cfg)),
+        session_factory=functools.partial(
+            NullDroppingSession, cfg.timeout_s, key_ref(cfg), cfg.max_retries
+        ),
     )
+
+
+# Worth another try: a server (or a Serve replica) that died, restarted or is overloaded.
+RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+RETRY_WAIT_S = 1.0  # doubled after each try
 
 
 class NullDroppingSession:
     """An aiohttp session whose `post` drops top-level null fields from the JSON body and
-    starts the request at once.
+    starts the request at once, and retries it.
 
     Ray's HTTP stage creates every request of a batch, then awaits them one after another;
     a plain aiohttp `post` only starts when awaited, so a batch would go out one request at
     a time and the server could never batch them. Here `post` returns a running task, so a
-    batch of n rows is n requests in flight together (retries call `post` again)."""
+    batch of n rows is n requests in flight together.
 
-    def __init__(self, timeout_s: float, key: Any = None):
+    Each request is tried up to 1 + `retries` times, with 1, 2, 4, ... s between tries, on a
+    connection error, a timeout or a status in RETRY_STATUS. A 500 is among them: a Serve
+    replica that dies mid-request answers 500, and the retry reaches its replacement. What
+    still fails is returned as a 500 with the error in its body: the row becomes an engine
+    error (a counted failure), never an exception that ends the run."""
+
+    def __init__(self, timeout_s: float, key: Any = None, retries: int = 0):
         import aiohttp
 
         headers = None
@@ -106,6 +121,7 @@ class NullDroppingSession:
         self.session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=timeout_s), headers=headers
         )
+        self.retries = retries
 
     async def __aenter__(self) -> NullDroppingSession:
         await self.session.__aenter__()
@@ -121,8 +137,24 @@ class NullDroppingSession:
         return asyncio.ensure_future(self._send(url, json.dumps(body), kwargs))
 
     async def _send(self, url: str, data: str, kwargs: dict[str, Any]) -> ReadResponse:
-        async with self.session.post(url, data=data, **kwargs) as response:
-            return ReadResponse(response.status, response.reason, await response.read())
+        import asyncio
+
+        import aiohttp
+
+        failure = ""
+        for attempt in range(self.retries + 1):
+            if attempt:
+                await asyncio.sleep(RETRY_WAIT_S * 2 ** (attempt - 1))
+            try:
+                async with self.session.post(url, data=data, **kwargs) as response:
+                    body = await response.read()
+                    if response.status not in RETRY_STATUS:
+                        return ReadResponse(response.status, response.reason, body)
+                    failure = f"HTTP {response.status}: {body[:300].decode(errors='replace')}"
+            except (TimeoutError, aiohttp.ClientError) as e:
+                failure = f"{type(e).__name__}: {e}"
+        error = {"message": f"failed after {self.retries + 1} tries; last: {failure}"}
+        return ReadResponse(500, "failed", json.dumps({"error": error}).encode())
 
 
 class ReadResponse:

@@ -197,8 +197,9 @@ def train_loop(config: dict[str, Any]) -> None:
     peak = peak_flops(
         torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", cfg.peak_flops
     )
+    resumed_at = state.step  # 0 on a fresh start; else the checkpoint this attempt loaded
     metrics = MetricsLog(
-        Path(plan.out_dir) / "metrics.jsonl" if rank == 0 else None, resumed_at=state.step
+        Path(plan.out_dir) / "metrics.jsonl" if rank == 0 else None, resumed_at=resumed_at
     )
     batches = micro_batches(ray.train.get_dataset_shard("train"), cfg, plan, state, device)
     while state.step < plan.stop_at:
@@ -223,6 +224,7 @@ def train_loop(config: dict[str, Any]) -> None:
             "tokens_per_s": result.tokens / elapsed,
             "mfu": mfu(n_params, result.tokens / elapsed, peak, world),
             "tokens_seen": state.tokens,
+            "resumed_at": resumed_at,
             "time": time.time(),
         }
         last = state.step == plan.stop_at
