@@ -337,6 +337,35 @@ def docs(config: ConfigOpt, progress: ProgressOpt = True, fresh: FreshOpt = Fals
 
 
 @app.command()
+def rl(
+    config: ConfigOpt,
+    arm: Annotated[
+        str | None, typer.Option(help="The arm to continue (default: rl.arm); its run folder.")
+    ] = None,
+    init_model: Annotated[
+        str | None,
+        typer.Option(help="Start from this model (default: rl.init_model, else the arm's export)."),
+    ] = None,
+    stop_after: Annotated[
+        int | None,
+        typer.Option(min=1, help="End after this iteration (checkpointed); rerun to go on."),
+    ] = None,
+) -> None:
+    """RL after SFT: GRPO rollouts on the engines, the judge (CoT hidden) as reward, updates on
+    Ray Train; prints the reward per iteration and the held-in refusal rates; a rerun goes on."""
+    from deliberate_ray.config import load_config
+    from deliberate_ray.models import ModelRefError
+    from deliberate_ray.rl import run_rl
+    from deliberate_ray.rl.run import summary_text
+
+    try:
+        summary = run_rl(load_config(config), arm=arm, init_model=init_model, stop_after=stop_after)
+    except (ConfigError, ModelRefError, ValueError) as e:
+        fail(str(e))
+    typer.echo(summary_text(summary))
+
+
+@app.command()
 def pipeline(
     config: ConfigOpt,
     force: Annotated[

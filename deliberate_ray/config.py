@@ -1068,6 +1068,199 @@ class EvalConfig(StrictModel):
         return v
 
 
+class RLRewardWeights(StrictModel):
+    """How the reward's components combine: the reward is their weighted mean (components
+    with weight 0 are not computed)."""
+
+    action: float = Field(
+        default=1.0,
+        ge=0.0,
+        description="Programmatic check: 1 when the final answer takes the prompt's ideal "
+        "action (refuse where required, answer benign look-alikes), by the refusal grader.",
+    )
+    format: float = Field(
+        default=0.5,
+        ge=0.0,
+        description="Programmatic check: 1 when the reply ended by itself (not cut off) with a "
+        "non-empty final answer and no leftover delimiters.",
+    )
+    judge: float = Field(
+        default=1.0,
+        ge=0.0,
+        description="The spec-aware LLM judge's score (minimum of its k runs, 0-10 rescaled to "
+        "0-1); used when reward.judge.enabled.",
+    )
+    custom: float = Field(
+        default=1.0,
+        ge=0.0,
+        description="A reward function passed to run_rl from Python (toy tasks, tests); "
+        "unused without one.",
+    )
+
+
+class RLRewardConfig(StrictModel):
+    """The RL reward: programmatic checks on the final answer plus the spec-aware judge,
+    which sees spec(category), the prompt and the final answer only (the CoT removed) unless
+    `judge_sees_cot` (the monitorability ablation)."""
+
+    weights: RLRewardWeights = Field(
+        default_factory=RLRewardWeights, description="Weights of the reward's components."
+    )
+    action_grader: RefusalGrader = Field(
+        default="rules",
+        description="The refusal grader that decides the `action` component: `classifier` "
+        "(learned) or `rules` (string rules).",
+    )
+    judge: LLMJudgeConfig = Field(
+        default_factory=LLMJudgeConfig,
+        description="The spec-aware LLM judge (k runs, minimum); `enabled: false`: "
+        "programmatic checks only.",
+    )
+    judge_sees_cot: bool = Field(
+        default=False,
+        description="Ablation: show the judge the policy's CoT too (the generate stage's "
+        "judge format); false, as in the paper: the CoT is removed from every judge request, "
+        "so the CoT is not optimised to please the judge.",
+    )
+
+
+class RLConfig(StrictModel):
+    """RL after SFT (docs/rl.md): GRPO-style policy optimisation on Ray. Each iteration
+    samples `group_size` rollouts per prompt on the engine layer, scores them (checks +
+    judge without the CoT), and updates the policy on Ray Train (FSDP2, optional LoRA) with
+    group-normalised advantages, a clipped objective and a KL penalty to the SFT model."""
+
+    init_model: str | None = Field(
+        default=None,
+        description="The policy to start from (an SFT export); null: the pipeline's export "
+        "of the arm, or {run_dir}/train/{arm}/export for `deliberate-ray rl`.",
+    )
+    arm: str = Field(
+        default="cot",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="The arm this RL run continues: its run folder is {output_dir}/{arm} (the "
+        "pipeline sets it per arm).",
+    )
+    output_dir: str | None = Field(
+        default=None,
+        description="Parent of the RL run folders (iterations, checkpoints, metrics, export); "
+        "null: {run_dir}/rl.",
+    )
+    prompts: list[str] = Field(
+        default_factory=list,
+        description="Prompt files to optimise on; empty: the config's `prompts` section "
+        "(sources and limit).",
+    )
+    iterations: int = Field(default=3, ge=1, description="RL iterations in all.")
+    prompts_per_iteration: int = Field(
+        default=8, ge=1, description="Prompts per iteration (the pool is walked in a seeded order)."
+    )
+    group_size: int = Field(
+        default=4,
+        ge=2,
+        le=64,
+        description="Rollouts per prompt; advantages are normalised within each group.",
+    )
+    heldin_prompts: int = Field(
+        default=16,
+        ge=0,
+        description="Prompts of the pool (half should-refuse, half benign look-alikes) whose "
+        "refusal rates are measured greedily before, during and after RL; 0: none.",
+    )
+    seed: int = Field(default=0, description="Seed of the prompt order and torch's init.")
+    engine: EngineConfig = Field(
+        default_factory=lambda: EngineConfig(batch_size=64, num_cpus=0.5),
+        description="The rollout engine (its `model` is replaced by the current policy every "
+        "iteration: the CPU path reloads the exported weights).",
+    )
+    sampling: SamplingConfig = Field(
+        default_factory=lambda: SamplingConfig(max_tokens=192, temperature=1.0, top_p=1.0),
+        description="How rollouts are sampled.",
+    )
+    heldin_sampling: SamplingConfig = Field(
+        default_factory=lambda: SamplingConfig(
+            max_tokens=192, temperature=0.0, top_p=1.0, repetition_penalty=1.1
+        ),
+        description="How the held-in replies are decoded (greedy, as the eval does).",
+    )
+    heldin_grader: RefusalGrader = Field(
+        default="classifier",
+        description="The refusal grader of the held-in refusal rates; best another than "
+        "reward.action_grader, so the rates are not read by the grader the policy is "
+        "rewarded by.",
+    )
+    reward: RLRewardConfig = Field(
+        default_factory=RLRewardConfig, description="Reward components and the judge."
+    )
+    advantage_std: bool = Field(
+        default=True,
+        description="Divide each group's centred rewards by their standard deviation (GRPO); "
+        "false: centre only.",
+    )
+    clip_eps: float = Field(
+        default=0.2,
+        gt=0.0,
+        lt=1.0,
+        description="PPO clip range: per-token probability ratios outside [1-eps, 1+eps] get "
+        "no gradient from the surrogate.",
+    )
+    kl_coef: float = Field(
+        default=0.05,
+        ge=0.0,
+        description="Weight of the KL penalty to the SFT reference (k3 estimator, per token).",
+    )
+    epochs_per_iteration: int = Field(
+        default=1, ge=1, description="Passes over each iteration's rollouts."
+    )
+    micro_batch_size: int = Field(
+        default=4, ge=1, description="Rollouts per worker per micro-batch."
+    )
+    grad_accum: int = Field(default=1, ge=1, description="Micro-batches per optimizer step.")
+    lr: float = Field(default=1e-5, gt=0, description="AdamW learning rate (constant).")
+    grad_clip: float = Field(
+        default=1.0, gt=0, description="Largest gradient norm; larger ones are clipped to it."
+    )
+    num_workers: int = Field(default=1, ge=1, description="Ray Train workers of the update.")
+    use_gpu: bool = Field(default=False, description="Give each update worker one GPU.")
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=dict,
+        description="Ray resources each update worker asks for, e.g. {CPU: 1}; empty: Ray "
+        "Train's defaults.",
+    )
+    lora: LoraConfig = Field(
+        default_factory=LoraConfig,
+        description="LoRA adapters on the SFT model (the reference is the model with the "
+        "adapters off); off: full fine-tuning against a frozen copy.",
+    )
+    bf16: bool = Field(
+        default=True,
+        description="Mixed precision as in SFT: FSDP2 bf16 on GPUs, bf16 autocast on CPUs that "
+        "compute it natively, else fp32.",
+    )
+    gradient_checkpointing: bool = Field(
+        default=False, description="Recompute activations in the backward pass."
+    )
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        default="sdpa", description="transformers attention kernel of the update."
+    )
+    keep_checkpoints: int = Field(
+        default=2, ge=1, description="Latest update checkpoints Ray Train keeps."
+    )
+
+    @model_validator(mode="after")
+    def _some_reward(self) -> RLConfig:
+        w = self.reward.weights
+        if w.action + w.format + w.custom + (w.judge if self.reward.judge.enabled else 0) <= 0:
+            raise ValueError("reward.weights: every component is 0 (or the judge is disabled)")
+        rollouts = self.prompts_per_iteration * self.group_size
+        if rollouts % self.num_workers:
+            raise ValueError(
+                f"prompts_per_iteration x group_size = {rollouts} rollouts must split evenly "
+                f"over num_workers {self.num_workers} (FSDP ranks step together)"
+            )
+        return self
+
+
 class ArmConfig(StrictModel):
     """One trained variant. `msm` first midtrains on documents about the spec (the docs
     stage's corpus, or `msm_docs`), mixed with chat rows, then runs the same SFT from that
@@ -1105,6 +1298,11 @@ class ArmConfig(StrictModel):
         description="Share of the tuples this arm trains on (a fixed subset by id hash; the "
         "data-efficiency sweep sets it).",
     )
+    rl: bool = Field(
+        default=False,
+        description="After SFT, run the RL stage (the config's `rl:` section) on this arm; the "
+        "RL'd model is served and evaluated as `<name>-rl` (sweep copies are not RL'd).",
+    )
 
     @model_validator(mode="after")
     def _docs_need_msm(self) -> ArmConfig:
@@ -1128,7 +1326,8 @@ class PipelineConfig(StrictModel):
     parallel_arms: bool = Field(
         default=False,
         description="Train the arms at the same time, each on its own Ray Train workers (the "
-        "cluster must hold all of them at once).",
+        "cluster must hold all of them at once); the midtraining runs beside the arms that do "
+        "not need it, and each MSM arm starts when its midtrained model is there.",
     )
     max_parallel_arms: int | None = Field(
         default=None,
@@ -1235,6 +1434,21 @@ class Config(StrictModel):
         default=None,
         description="Arms and options of `deliberate-ray pipeline`; null: one `cot` arm plus base.",
     )
+    rl: RLConfig | None = Field(
+        default=None,
+        description="The RL stage after SFT (`deliberate-ray rl`, arms with `rl: true`); null: "
+        "absent.",
+    )
+
+    @model_validator(mode="after")
+    def _rl_needs_section(self) -> Config:
+        for i, arm in enumerate(self.pipeline.arms if self.pipeline else []):
+            if arm.rl and self.rl is None:
+                raise ValueError(
+                    f"pipeline.arms[{i}] ({arm.name}): rl: true needs an `rl:` section "
+                    "(see configs/rl.yaml)"
+                )
+        return self
 
     @model_validator(mode="after")
     def _msm_needs_documents(self) -> Config:

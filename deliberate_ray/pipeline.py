@@ -249,6 +249,28 @@ def midtrain_key(arm: ArmConfig) -> str:
     return signature(arm.msm_docs, arm.msm_steps)[:8]
 
 
+def rl_arms(
+    cfg: Config, stages: Stages, pipe: PipelineConfig, trained: dict[str, dict[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """The RL stage (docs/rl.md) of every arm with `rl: true` (sweep copies aside): GRPO from
+    the arm's SFT export, as stage `rl-<arm>`; keyed `<arm>-rl`, the name it is served and
+    evaluated under."""
+    from deliberate_ray.rl import run_rl
+
+    out: dict[str, dict[str, Any]] = {}
+    for arm in pipe.arms:
+        if not arm.rl:
+            continue
+        sft = trained[arm.name]
+        out[f"{arm.name}-rl"] = stages.run(
+            f"rl-{arm.name}",
+            lambda arm=arm, sft=sft: run_rl(cfg, arm=arm.name, init_model=sft["export_dir"]),
+            signature(cfg.rl, cfg.spec, cfg.prompts, sft["signature"]),
+            run_dir_of,
+        )
+    return out
+
+
 def run_pipeline(cfg: Config, force: bool = False) -> dict[str, Any]:
     """Every stage in order (see the module doc); one run per run_dir at a time."""
     from deliberate_ray.runlock import RunLock
@@ -308,8 +330,10 @@ def _run_pipeline(cfg: Config, force: bool) -> dict[str, Any]:
             f"generation kept no tuples (see {gen['output_dir']}/stats.json); nothing to train on"
         )
     trained = train_arms(cfg, stages, pipe, gen["tuples"], gen["signature"], docs)
+    rl_runs = rl_arms(cfg, stages, pipe, trained)
     models = {"base": cfg.train.model} if pipe.compare_base else {}
     models |= {name: t["export_dir"] for name, t in trained.items()}
+    models |= {name: r["export_dir"] for name, r in rl_runs.items()}
 
     def evaluate() -> dict[str, Any]:
         serve_cfg = override(cfg.serve, "serve", models=models)
@@ -339,6 +363,7 @@ def _run_pipeline(cfg: Config, force: bool) -> dict[str, Any]:
                 shutdown()
 
     arm_sigs = [t["signature"] for t in trained.values()]
+    arm_sigs += [r["signature"] for r in rl_runs.values()]
     ev = stages.run(
         "eval",
         evaluate,
