@@ -109,7 +109,7 @@ def test_a_killed_train_worker_restarts_from_its_checkpoint(
     with ThreadPoolExecutor(1) as pool:
         run = pool.submit(run_train, cfg, name="killed")
         # Past a registered checkpoint: the worker that wrote it is the one to kill.
-        wait_for("a registered checkpoint", lambda: registered() or run.done())
+        wait_for("a registered checkpoint", lambda: registered() or run.done(), timeout_s=600)
         assert not run.done(), f"the run ended before the kill: {run.exception()}"
         checkpointed = registered()
         workers = {pid: p for pid, p in processes("RayTrainWorker").items() if pid not in before}
