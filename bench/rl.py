@@ -5,8 +5,9 @@ the checkpoint) and weight sync (the checkpoint exported as the HF folder the ne
 loads; on CPU the load itself is part of the next rollout's engine start). Also rollout
 tokens per second (generated tokens of rollouts and held-in replies over the rollout phase).
 
-Runs `deliberate_ray.rl.run_rl` on a config (the embedded default, configs/rl.yaml, which
-starts from the demo's `cot` export) into a fresh output folder, then reads its
+Runs the rl stage (`deliberate_ray.rl.run_rl`) on a config (the embedded default,
+configs/rl.yaml, which starts from the demo's `cot` export) into a fresh output folder, then
+reads its
 metrics.jsonl and writes bench/results/rl.json (with the run's report as rl_report.md and
 its reward curve as rl_reward_curve.png).
 
@@ -30,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from deliberate_ray.config import load_config, override  # noqa: E402
-from deliberate_ray.rl import run_rl  # noqa: E402
+from deliberate_ray.pipeline import run_stage  # noqa: E402
 
 PHASES = ("rollout", "reward", "update", "sync")
 
@@ -56,13 +57,13 @@ def main() -> None:
     rl = override(
         cfg.rl, "rl", iterations=a.iterations, init_model=init, output_dir=str(workdir / "rl")
     )
-    cfg = cfg.model_copy(update={"rl": rl})
+    cfg = override(cfg, "config", rl=rl)
     ray.init()
     load_before = os.getloadavg()
     t0 = time.perf_counter()
-    summary = run_rl(cfg)
+    summary = run_stage(cfg, "rl")
     wall = time.perf_counter() - t0
-    rows = [json.loads(x) for x in Path(summary["metrics_path"]).read_text().splitlines()]
+    rows = [json.loads(x) for x in Path(summary.metrics_path).read_text().splitlines()]
     iterations = []
     for r in rows:
         t = r["time_s"]
@@ -82,7 +83,7 @@ def main() -> None:
     all_s = sum(totals.values()) or 1.0
     out = {
         "config": a.config,
-        "init_model": summary["init_model"],
+        "init_model": summary.init_model,
         "rollout_engine": rl.engine.kind,
         "judge_engine": rl.reward.judge.engine.kind if rl.reward.judge.enabled else None,
         "rollouts_per_iteration": rl.prompts_per_iteration * rl.group_size,
@@ -97,15 +98,15 @@ def main() -> None:
         "phase_share": {k: round(v / all_s, 3) for k, v in totals.items()},
         "rollout_tokens_per_s_mean": sum(i["rollout_tokens_per_s"] or 0 for i in iterations)
         / max(1, len(iterations)),
-        "reward_curve": summary["reward_curve"],
-        "heldin_before": summary["heldin_before"],
-        "heldin_after": summary["heldin_after"],
-        "report": summary["report"],
+        "reward_curve": summary.reward_curve,
+        "heldin_before": summary.heldin_before,
+        "heldin_after": summary.heldin_after,
+        "report": summary.report,
     }
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(out, indent=2))
     # The run's report and reward curve beside the numbers (the run folder may be temporary).
-    report = Path(summary["report"])
+    report = Path(summary.report)
     curve = a.out.with_name(a.out.stem + "_reward_curve.png")
     if (report.parent / "reward_curve.png").exists():
         shutil.copyfile(report.parent / "reward_curve.png", curve)

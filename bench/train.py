@@ -31,7 +31,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from deliberate_ray.config import Config
+from deliberate_ray.config import TrainConfig
 from deliberate_ray.contracts import TUPLE, to_table
 from deliberate_ray.models import EMBEDDED
 from deliberate_ray.train import run_train
@@ -128,9 +128,9 @@ def main() -> None:
     for round_ in range(args.rounds):  # alternate, so a burst of load does not hit one only
         order = list(runs) if round_ % 2 == 0 else list(reversed(runs))
         for name in order:
-            cfg = Config.model_validate({"run_dir": str(out), "train": train | runs[name]})
-            summary = run_train(cfg, name=f"{name}-{round_}")
-            rates[name] += step_rates(summary["metrics_path"])
+            section = TrainConfig.model_validate(train | runs[name] | {"name": f"{name}-{round_}"})
+            summary = run_train(section, str(out))
+            rates[name] += step_rates(summary.metrics_path)
             load.append(os.getloadavg()[0])
             print(f"round {round_} {name:11s} steps at {[round(r, 1) for r in rates[name]]} tok/s")
     # The fastest step is the one least slowed by others; the median is shown beside it.

@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from deliberate_ray.config import load_config  # noqa: E402
+from deliberate_ray.config import load_config, override  # noqa: E402
 from deliberate_ray.train.run import run_train  # noqa: E402
 
 
@@ -60,13 +60,12 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory() as tmp:
         for i, (label, layout) in enumerate(layouts.items()):
-            tcfg = cfg.train.model_copy(update={"data": [a.data], "output_dir": tmp} | layout)
+            changes = {"data": [a.data], "output_dir": tmp, "name": f"l{i}"} | layout
+            tcfg = override(cfg.train, "train", **changes)
             t0 = time.perf_counter()
-            result = run_train(
-                cfg.model_copy(update={"train": tcfg}), name=f"l{i}", stop_after=a.steps
-            )
+            result = run_train(tcfg, cfg.run_dir, stop_after=a.steps)
             wall = time.perf_counter() - t0
-            rows = [json.loads(line) for line in open(result["metrics_path"])]
+            rows = [json.loads(line) for line in open(result.metrics_path)]
             steps = [r["step_time_s"] for r in rows[1:]]
             out["runs"][label] = {
                 "wall_s": round(wall, 1),

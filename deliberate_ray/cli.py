@@ -119,18 +119,20 @@ def train(
     """SFT on Ray Train (FSDP2, optional LoRA), then an HF export; prints a JSON summary."""
     import json
 
-    from deliberate_ray.config import load_config
+    from deliberate_ray.config import load_config, override
     from deliberate_ray.models import ModelRefError
-    from deliberate_ray.train import run_train
+    from deliberate_ray.pipeline import run_stage
     from deliberate_ray.train.data import TrainDataError
 
     try:
-        summary = run_train(
-            load_config(config), variant=variant, name=name, data=data, stop_after=stop_after
-        )
+        cfg = load_config(config)
+        if cfg.train is not None:
+            flags = {"variant": variant, "name": name, "data": data or None}
+            cfg = override(cfg, "config", train=override(cfg.train, "train", **flags))
+        summary = run_stage(cfg, "train", stop_after=stop_after)
     except (ConfigError, ModelRefError, TrainDataError) as e:
         fail(str(e))
-    typer.echo(json.dumps(summary, indent=2))
+    typer.echo(json.dumps(summary.model_dump(mode="json"), indent=2))
 
 
 @app.command()
@@ -278,18 +280,20 @@ def eval_(
     ] = None,
 ) -> None:
     """Ask each model every suite prompt, grade, write responses/metrics/report/chart."""
-    from deliberate_ray.config import EvalConfig, load_config, override
+    from deliberate_ray.config import EvalConfig, load_config, override, resolve_run
     from deliberate_ray.evals import run_eval
     from deliberate_ray.evals.collect import EndpointError
     from deliberate_ray.evals.report import fmt, headline
 
     try:
-        cfg = (load_config(config).eval if config else None) or EvalConfig()
-        cfg = override(cfg, "eval", api_key_env=api_key_env, limit=limit)
-        doc = run_eval(suite or cfg.suites, endpoint, model, out, cfg)
+        cfg = (resolve_run(load_config(config)).eval if config else None) or EvalConfig()
+        cfg = override(
+            cfg, "eval", api_key_env=api_key_env, limit=limit, suites=suite or None, output_dir=out
+        )
+        doc = run_eval(cfg, out, models=model, endpoint=endpoint)
     except (ConfigError, EndpointError, ValueError) as e:
         fail(str(e))
-    for m, suites in doc["results"].items():
+    for m, suites in doc.results.items():
         for s, entry in suites.items():
             for name, value in headline(entry).items():
                 typer.echo(f"{m:>20} {s:>18} {name:>16}: {fmt(value)}")
@@ -306,19 +310,18 @@ def run_resumable(config: str, section: str, progress: bool, fresh: bool) -> Non
     """A stage that commits shards and resumes (generate, docs): load, check its section,
     run, print its summary; config problems exit 2 with the message."""
     from deliberate_ray.config import load_config
+    from deliberate_ray.pipeline import run_stage
 
     if section == "generate":
-        from deliberate_ray.generate import run_generate as run
         from deliberate_ray.generate.run import summary
     else:
-        from deliberate_ray.msm import run_docs as run
         from deliberate_ray.msm.docs import summary
     try:
         cfg = load_config(config)
         if getattr(cfg, section) is None:
             example = "configs/demo.yaml" if section == "generate" else "configs/matrix.yaml"
             raise ValueError(f"{config} has no `{section}:` section (see {example})")
-        result = run(cfg, progress=progress, fresh=fresh)
+        result = run_stage(cfg, section, progress=progress, fresh=fresh)
     except (ConfigError, ValueError) as e:
         fail(str(e))
     typer.echo(summary(result))
@@ -353,13 +356,17 @@ def rl(
 ) -> None:
     """RL after SFT: GRPO rollouts on the engines, the judge (CoT hidden) as reward, updates on
     Ray Train; prints the reward per iteration and the held-in refusal rates; a rerun goes on."""
-    from deliberate_ray.config import load_config
+    from deliberate_ray.config import load_config, override
     from deliberate_ray.models import ModelRefError
-    from deliberate_ray.rl import run_rl
+    from deliberate_ray.pipeline import run_stage
     from deliberate_ray.rl.run import summary_text
 
     try:
-        summary = run_rl(load_config(config), arm=arm, init_model=init_model, stop_after=stop_after)
+        cfg = load_config(config)
+        if cfg.rl is not None:
+            rl_cfg = override(cfg.rl, "rl", arm=arm, init_model=init_model)
+            cfg = override(cfg, "config", rl=rl_cfg)
+        summary = run_stage(cfg, "rl", stop_after=stop_after)
     except (ConfigError, ModelRefError, ValueError) as e:
         fail(str(e))
     typer.echo(summary_text(summary))

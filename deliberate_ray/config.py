@@ -926,12 +926,18 @@ class EvalConfig(StrictModel):
     )
     spec: str = Field(
         default="specs/default.yaml",
-        description="The spec the rule checks and the LLM judge grade against.",
+        description="The spec the rule checks and the LLM judge grade against; in a run config "
+        "left unset, the run's `spec.path`.",
+    )
+    output_dir: str | None = Field(
+        default=None,
+        description="Where responses.parquet, metrics.json, report.md and metrics.png go "
+        "(local or a URI); null: {run_dir}/eval; `eval --out` sets it.",
     )
     spec_variant: Literal["rules", "values"] = Field(
         default="values",
         description="The spec text the LLM judge grades against: `rules` alone or with their "
-        "rationales (`values`); the pipeline sets the run's variant.",
+        "rationales (`values`); in a run config left unset, the run's `spec.variant`.",
     )
     max_tokens: int = Field(default=256, ge=1, description="Most tokens per reply.")
     temperature: float = Field(
@@ -1525,6 +1531,45 @@ def parse_model(data: Any, cls: type[M], source: str) -> M:
         return cls.model_validate(data)
     except ValidationError as e:
         raise ConfigError(source, format_validation_error(e)) from None
+
+
+def resolve_run(cfg: Config) -> Config:
+    """The run's cross-section defaults, filled in once (every stage then reads its own
+    section): run_dir made absolute (a URI stays as it is); each stage's `output_dir` under
+    it; `train.data` the run's own tuples when empty; the eval graded against the run's spec
+    and variant unless its section names others. Fields a config sets are kept."""
+    from deliberate_ray import storage
+
+    run_dir = storage.absolute(cfg.run_dir)
+    if storage.is_remote(run_dir):
+        storage.filesystem(run_dir)  # a scheme without its package: say so before any work
+    changes: dict[str, Any] = {"run_dir": run_dir}
+
+    def out(section: Any, name: str) -> str:
+        return storage.absolute(section.output_dir or storage.join(run_dir, name))
+
+    gen = cfg.generate
+    if gen is not None:
+        gen = changes["generate"] = override(gen, "generate", output_dir=out(gen, "generate"))
+    if cfg.docs is not None:
+        changes["docs"] = override(cfg.docs, "docs", output_dir=out(cfg.docs, "docs"))
+    if cfg.train is not None:
+        data = cfg.train.data or ([storage.join(gen.output_dir, "tuples")] if gen else None)
+        changes["train"] = override(
+            cfg.train, "train", output_dir=out(cfg.train, "train"), data=data
+        )
+    if cfg.eval is not None:
+        given = cfg.eval.model_fields_set
+        changes["eval"] = override(
+            cfg.eval,
+            "eval",
+            output_dir=out(cfg.eval, "eval"),
+            spec=None if "spec" in given else cfg.spec.path,
+            spec_variant=None if "spec_variant" in given else cfg.spec.variant,
+        )
+    if cfg.rl is not None:
+        changes["rl"] = override(cfg.rl, "rl", output_dir=out(cfg.rl, "rl"))
+    return override(cfg, "config", **changes)
 
 
 def load_config(path: str | Path) -> Config:

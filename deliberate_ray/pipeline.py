@@ -16,15 +16,34 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from deliberate_ray.config import ArmConfig, Config, ConfigError, PipelineConfig, override
+from pydantic import ValidationError
+
+from deliberate_ray import storage
+from deliberate_ray.config import (
+    ArmConfig,
+    Config,
+    ConfigError,
+    PipelineConfig,
+    RLConfig,
+    override,
+    resolve_run,
+)
+from deliberate_ray.results import (
+    DocsResult,
+    EvalResult,
+    GenerateResult,
+    RLResult,
+    StageResult,
+    TrainResult,
+)
 
 log = logging.getLogger(__name__)
+R = TypeVar("R", bound=StageResult)
 STAGE_SECTIONS = ("generate", "train", "serve", "eval")
 
 
@@ -41,29 +60,45 @@ class StaleStage(ConfigError):
 class Stages:
     """Completion markers of one run directory."""
 
-    def __init__(self, run_dir: Path, force: bool = False):
-        self.dir = run_dir / "stages"
-        self.dir.mkdir(parents=True, exist_ok=True)
+    def __init__(self, run_dir: str | Path, force: bool = False):
+        self.dir = storage.join(storage.absolute(run_dir), "stages")
+        storage.makedirs(self.dir)
         self.force = force
 
+    def marker(self, name: str) -> str:
+        return storage.join(self.dir, f"{name}.json")
+
     def done(self, name: str) -> dict[str, Any] | None:
-        path = self.dir / f"{name}.json"
-        return json.loads(path.read_text()) if path.exists() else None
+        path = self.marker(name)
+        return storage.read_json(path) if storage.exists(path) else None
+
+    def all(self, pattern: str) -> dict[str, dict[str, Any]]:
+        """Markers whose file names match `pattern` (e.g. `midtrain*.json`), by stage name."""
+        return {
+            storage.name(f).removesuffix(".json"): storage.read_json(f)
+            for f in storage.glob(self.dir, pattern)
+        }
 
     def run(
         self,
         name: str,
-        fn: Callable[[], dict[str, Any]],
+        fn: Callable[[], R],
+        result_type: type[R],
         sig: str = "",
         outputs: Callable[[dict[str, Any]], list[str]] | None = None,
-    ) -> dict[str, Any]:
-        """Run `fn` unless `name` already finished with this signature; record its outputs,
-        wall time and signature. A finished stage with another signature is stale: refused
-        unless `force`, which first deletes the folders `outputs(previous marker)` names."""
+    ) -> R:
+        """Run `fn` unless `name` already finished with this signature; store its typed result
+        with the wall time and signature. A finished stage with another signature (or a record
+        this version cannot read) is stale: refused unless `force`, which first deletes the
+        folders `outputs(previous record)` names."""
         if (prev := self.done(name)) is not None:
-            if prev.get("signature") == sig:
-                log.info("stage %s: done earlier, skipped (%s)", name, self.dir / f"{name}.json")
-                return prev | {"skipped": True}
+            try:
+                kept = result_type.model_validate(prev | {"skipped": True})
+            except ValidationError:
+                kept = None  # written by another version of the tool: rerun, like a change
+            if kept is not None and prev.get("signature") == sig:
+                log.info("stage %s: done earlier, skipped (%s)", name, self.marker(name))
+                return kept
             if not self.force:
                 raise StaleStage(
                     f"stage {name}",
@@ -76,25 +111,56 @@ class Stages:
                 )
             for folder in outputs(prev) if outputs else []:
                 log.warning("stage %s: stale, deleting %s", name, folder)
-                shutil.rmtree(folder, ignore_errors=True)
-            (self.dir / f"{name}.json").unlink()
+                storage.remove(folder)
+            storage.remove(self.marker(name))
         log.info("stage %s: starting", name)
         t0 = time.perf_counter()
-        result = fn() | {"wall_s": round(time.perf_counter() - t0, 2), "signature": sig}
-        tmp = self.dir / f".{name}.json.tmp"
-        tmp.write_text(json.dumps(result, indent=2, default=str))
-        tmp.replace(self.dir / f"{name}.json")
-        log.info("stage %s: finished in %.1f s", name, result["wall_s"])
+        result = fn().model_copy(
+            update={"wall_s": round(time.perf_counter() - t0, 2), "signature": sig}
+        )
+        storage.write_json(self.marker(name), result.model_dump(mode="json"))  # it counts now
+        log.info("stage %s: finished in %.1f s", name, result.wall_s)
         return result
+
+
+def run_stage(cfg: Config, stage: str, **options: Any) -> Any:
+    """One stage of a run config, as the CLI and the jobs run it: the run's cross-section
+    defaults resolved once (`resolve_run`), then `run_<stage>(section, run_dir, *, <the
+    run-level inputs it reads>, **options)`. Returns the stage's typed result."""
+    if getattr(cfg, stage, None) is None:
+        example = "configs/matrix.yaml" if stage in ("docs", "rl") else "configs/demo.yaml"
+        raise ConfigError("config", [f"{stage}: missing section -> add one (see {example})"])
+    cfg = resolve_run(cfg)
+    section, shared = getattr(cfg, stage), {"spec": cfg.spec, "prompts": cfg.prompts}
+    suites = {"eval_suites": cfg.eval.suites if cfg.eval else ()}
+    if stage == "generate":
+        from deliberate_ray.generate import run_generate
+
+        return run_generate(section, cfg.run_dir, **shared, **suites, **options)
+    if stage == "docs":
+        from deliberate_ray.msm import run_docs
+
+        return run_docs(section, cfg.run_dir, **shared, **suites, **options)
+    if stage == "train":
+        from deliberate_ray.train import run_train
+
+        return run_train(section, cfg.run_dir, **options)
+    if stage == "rl":
+        from deliberate_ray.rl import run_rl
+
+        return run_rl(section, cfg.run_dir, **shared, **suites, **options)
+    if stage == "eval":
+        from deliberate_ray.evals import run_eval
+
+        return run_eval(section, cfg.run_dir, **options)
+    raise ConfigError("stage", [f"unknown stage {stage!r}: generate, docs, train, rl or eval"])
 
 
 def run_dir_of(marker: dict[str, Any]) -> list[str]:
     return [marker["run_dir"]] if marker.get("run_dir") else []
 
 
-def midtrain(
-    cfg: Config, stages: Stages, arm: ArmConfig, docs: dict[str, Any] | None
-) -> dict[str, Any]:
+def midtrain(cfg: Config, stages: Stages, arm: ArmConfig, docs: DocsResult | None) -> TrainResult:
     """Model Spec Midtraining for an MSM arm: the student trained on the spec documents
     (the docs stage's corpus of the spec variant, or the arm's `msm_docs`), mixed with the
     docs stage's chat rows at `pipeline.msm_chat_ratio`. Arms with the same documents and
@@ -114,46 +180,48 @@ def midtrain(
                 f"pipeline.arms[{arm.name}]",
                 ["msm: true without msm_docs needs a `docs:` section (the corpus to midtrain on)"],
             )
-        data = [docs["documents"][cfg.spec.variant]]
-        upstream = docs["signature"]
-        if not any(Path(data[0]).glob("part-*.parquet")):
-            total = docs.get("stats", {}).get("total", {})
+        data = [docs.documents[cfg.spec.variant]]
+        upstream = docs.signature or ""
+        if not storage.glob(data[0], "part-*.parquet"):
+            total = docs.stats.get("total", {})
             rejected = ", ".join(f"{k} {v}" for k, v in sorted(total.get("rejected", {}).items()))
             raise ConfigError(
                 "docs",
                 [
                     f"the docs stage kept no {cfg.spec.variant!r} documents to midtrain on "
                     f"(planned {total.get('planned', 0)}, rejected: {rejected or 'none'}) -> "
-                    f"read {docs['output_dir']}/README.md and its quarantine, adjust `docs:` "
+                    f"read {docs.output_dir}/README.md and its quarantine, adjust `docs:` "
                     "(writer, max_tokens, min_words) and rerun"
                 ],
             )
-        if pipe.msm_chat_ratio > 0 and any(Path(docs["chat"]).glob("part-*.parquet")):
-            changes |= {"mix_data": docs["chat"], "mix_ratio": pipe.msm_chat_ratio}
-    msm_cfg = cfg.model_copy(update={"train": override(cfg.train, "train", **changes)})
+        if pipe.msm_chat_ratio > 0 and storage.glob(docs.chat, "part-*.parquet"):
+            changes |= {"mix_data": docs.chat, "mix_ratio": pipe.msm_chat_ratio}
     key = midtrain_key(arm)
     name = "msm" if not key else f"msm-{key}"
+    section = override(cfg.train, "train", variant="docs", name=name, data=data, **changes)
     return stages.run(
         "midtrain" if not key else f"midtrain-{key}",
-        lambda: run_train(msm_cfg, variant="docs", name=name, data=data),
-        signature(msm_cfg.train, data, upstream),
+        lambda: run_train(section, cfg.run_dir),
+        TrainResult,
+        signature(section, upstream),
         run_dir_of,
     )
 
 
-def tuples_subset(tuples: str, fraction: float, out_dir: Path) -> str:
+def tuples_subset(tuples: str, fraction: float, out_dir: str) -> str:
     """A fixed share of the tuples (those whose id hashes lowest), as one Parquet file: the
     subsets of a sweep are nested (the 25% tuples are among the 50%)."""
-    import pyarrow.parquet as pq
+    import pyarrow as pa
 
-    table = pq.read_table(tuples)
+    table = pa.concat_tables(
+        [storage.read_table(f) for f in storage.glob(tuples, "part-*.parquet")]
+    )
     ids = table.column("id").to_pylist()
     order = sorted(range(len(ids)), key=lambda i: hashlib.sha256(ids[i].encode()).hexdigest())
     keep = sorted(order[: max(1, round(fraction * len(ids)))])
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"tuples-{round(fraction * 100)}pct.parquet"
-    pq.write_table(table.take(keep), path)
-    return str(path)
+    path = storage.join(out_dir, f"tuples-{round(fraction * 100)}pct.parquet")
+    storage.write_table(path, table.take(keep))
+    return path
 
 
 def train_arm(
@@ -162,22 +230,28 @@ def train_arm(
     arm: ArmConfig,
     tuples: str,
     upstream: str = "",
-    midtrained: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+    midtrained: TrainResult | None = None,
+) -> TrainResult:
     """SFT one arm on the tuples (its share of them), from the midtrained model for an MSM
     arm. `upstream` is the generate stage's signature (the tuples' provenance)."""
     from deliberate_ray.train import run_train
 
+    assert cfg.train is not None
     model, sigs = None, [cfg.train, arm, upstream]
     if midtrained is not None:
-        model = midtrained["export_dir"]
-        sigs.append(midtrained["signature"])
+        model = midtrained.export_dir
+        sigs.append(midtrained.signature)
     data = tuples
     if arm.tuples_fraction < 1.0:
-        data = tuples_subset(tuples, arm.tuples_fraction, Path(cfg.run_dir) / "train" / "subsets")
+        subsets = storage.join(cfg.run_dir, "train", "subsets")
+        data = tuples_subset(tuples, arm.tuples_fraction, subsets)
+    section = override(
+        cfg.train, "train", variant=arm.variant, name=arm.name, data=[data], model=model
+    )
     return stages.run(
         f"train-{arm.name}",
-        lambda: run_train(cfg, variant=arm.variant, name=arm.name, data=[data], model=model),
+        lambda: run_train(section, cfg.run_dir),
+        TrainResult,
         signature(*sigs),
         run_dir_of,
     )
@@ -189,14 +263,14 @@ def train_arms(
     pipe: PipelineConfig,
     tuples: str,
     upstream: str = "",
-    docs: dict[str, Any] | None = None,
-) -> dict[str, dict[str, Any]]:
+    docs: DocsResult | None = None,
+) -> dict[str, TrainResult]:
     """Midtrain once per distinct MSM setting and train every arm (sweep copies included),
     one after another or (`parallel_arms`) at the same time in threads, each its own Ray
     Train run; results in the arms' order, the first failure raised."""
     arms = pipe.expanded_arms()
     if not pipe.parallel_arms or len(arms) < 2:
-        mids: dict[str, dict[str, Any]] = {}
+        mids: dict[str, TrainResult] = {}
         for arm in arms:
             if arm.msm and midtrain_key(arm) not in mids:
                 mids[midtrain_key(arm)] = midtrain(cfg, stages, arm, docs)
@@ -250,22 +324,30 @@ def midtrain_key(arm: ArmConfig) -> str:
 
 
 def rl_arms(
-    cfg: Config, stages: Stages, pipe: PipelineConfig, trained: dict[str, dict[str, Any]]
-) -> dict[str, dict[str, Any]]:
+    cfg: Config, stages: Stages, pipe: PipelineConfig, trained: dict[str, TrainResult]
+) -> dict[str, RLResult]:
     """The RL stage (docs/rl.md) of every arm with `rl: true` (sweep copies aside): GRPO from
     the arm's SFT export, as stage `rl-<arm>`; keyed `<arm>-rl`, the name it is served and
     evaluated under."""
     from deliberate_ray.rl import run_rl
 
-    out: dict[str, dict[str, Any]] = {}
+    out: dict[str, RLResult] = {}
     for arm in pipe.arms:
         if not arm.rl:
             continue
         sft = trained[arm.name]
+        section = override(cfg.rl or RLConfig(), "rl", arm=arm.name, init_model=sft.export_dir)
         out[f"{arm.name}-rl"] = stages.run(
             f"rl-{arm.name}",
-            lambda arm=arm, sft=sft: run_rl(cfg, arm=arm.name, init_model=sft["export_dir"]),
-            signature(cfg.rl, cfg.spec, cfg.prompts, sft["signature"]),
+            lambda section=section: run_rl(
+                section,
+                cfg.run_dir,
+                spec=cfg.spec,
+                prompts=cfg.prompts,
+                eval_suites=cfg.eval.suites if cfg.eval else (),
+            ),
+            RLResult,
+            signature(cfg.rl, cfg.spec, cfg.prompts, sft.signature),
             run_dir_of,
         )
     return out
@@ -285,7 +367,8 @@ def run_pipeline(cfg: Config, force: bool = False) -> dict[str, Any]:
                 for s in missing
             ],
         )
-    with RunLock(Path(cfg.run_dir), "pipeline"):
+    cfg = resolve_run(cfg)  # the run's cross-section defaults, once
+    with RunLock(cfg.run_dir, "pipeline"):
         return _run_pipeline(cfg, force)
 
 
@@ -301,10 +384,17 @@ def _run_pipeline(cfg: Config, force: bool) -> dict[str, Any]:
     assert cfg.train is not None and cfg.serve is not None and cfg.eval is not None
     pipe = cfg.pipeline or PipelineConfig()
     warn_if_same_grader(cfg)
-    run_dir = Path(cfg.run_dir)
+    run_dir = cfg.run_dir
     stages = Stages(run_dir, force)
     t0 = time.perf_counter()
 
+    # what every stage that reads them gets: the run's spec, prompt pool and eval suites
+    shared: dict[str, Any] = {
+        "spec": cfg.spec,
+        "prompts": cfg.prompts,
+        "eval_suites": cfg.eval.suites,
+        "progress": True,
+    }
     docs = None
     if cfg.docs is not None:
         from deliberate_ray.msm import run_docs
@@ -313,32 +403,37 @@ def _run_pipeline(cfg: Config, force: bool) -> dict[str, Any]:
         spec = load_spec(cfg.spec.path)
         docs = stages.run(
             "docs",
-            lambda: run_docs(cfg, fresh=force),
+            lambda: run_docs(cfg.docs, run_dir, fresh=force, **shared),
+            DocsResult,
             signature(docs_key(cfg, spec), inputs_sha(cfg.prompts)),
             lambda marker: [marker["output_dir"]] if marker.get("output_dir") else [],
         )
+    assert cfg.generate is not None
     gen = stages.run(
         "generate",
-        lambda: run_generate(cfg, fresh=force),
+        lambda: run_generate(cfg.generate, run_dir, fresh=force, **shared),
+        GenerateResult,
         # what a generated row depends on (resume_key: spec, teacher, judge) and which prompts
         # there are; engine throughput settings change no row and leave the stage valid
         signature(resume_key(cfg, spec_sha(cfg)), cfg.prompts, inputs_sha(cfg.prompts)),
         lambda marker: [marker["output_dir"]] if marker.get("output_dir") else [],
     )
-    if not gen["stats"]["total"].get("kept"):
+    if not gen.stats["total"].get("kept"):
         raise RuntimeError(
-            f"generation kept no tuples (see {gen['output_dir']}/stats.json); nothing to train on"
+            f"generation kept no tuples (see {gen.output_dir}/stats.json); nothing to train on"
         )
-    trained = train_arms(cfg, stages, pipe, gen["tuples"], gen["signature"], docs)
+    trained = train_arms(cfg, stages, pipe, gen.tuples, gen.signature or "", docs)
     rl_runs = rl_arms(cfg, stages, pipe, trained)
-    models = {"base": cfg.train.model} if pipe.compare_base else {}
-    models |= {name: t["export_dir"] for name, t in trained.items()}
-    models |= {name: r["export_dir"] for name, r in rl_runs.items()}
+    models: dict[str, str] = {"base": cfg.train.model} if pipe.compare_base else {}
+    for name, result in [*trained.items(), *rl_runs.items()]:
+        if result.export_dir is None:
+            raise RuntimeError(f"{name}: training wrote no export to serve ({result.run_dir})")
+        models[name] = result.export_dir
 
-    def evaluate() -> dict[str, Any]:
+    def evaluate() -> EvalResult:
         serve_cfg = override(cfg.serve, "serve", models=models)
         key_env = None if serve_cfg.no_auth else serve_cfg.api_key_env
-        ev_cfg = override(cfg.eval, "eval", spec_variant=cfg.spec.variant, api_key_env=key_env)
+        ev_cfg = override(cfg.eval, "eval", api_key_env=key_env)
         names = list(models)
         size = pipe.serve_models_at_once or len(names)
         groups = [names[i : i + size] for i in range(0, len(names), size)]
@@ -350,11 +445,9 @@ def _run_pipeline(cfg: Config, force: bool) -> dict[str, Any]:
         with run_key(serve_cfg):
             try:  # the app goes once the replies are in (the graders need no endpoint)
                 return run_eval(
-                    cfg.eval.suites,
-                    "",
-                    names,
-                    run_dir / "eval",
                     ev_cfg,
+                    run_dir,
+                    models=names,
                     answered=shutdown,
                     groups=groups,
                     serve_group=serve_group,
@@ -362,22 +455,23 @@ def _run_pipeline(cfg: Config, force: bool) -> dict[str, Any]:
             finally:
                 shutdown()
 
-    arm_sigs = [t["signature"] for t in trained.values()]
-    arm_sigs += [r["signature"] for r in rl_runs.values()]
+    arm_sigs = [r.signature for r in [*trained.values(), *rl_runs.values()]]
     ev = stages.run(
         "eval",
         evaluate,
+        EvalResult,
         signature(cfg.serve, cfg.eval, pipe.compare_base, arm_sigs),
-        lambda marker: [str(run_dir / "eval")],
+        lambda marker: [marker["out_dir"]] if marker.get("out_dir") else [],
     )
-    midtrained = {f.stem: json.loads(f.read_text()) for f in stages.dir.glob("midtrain*.json")}
+    # The report reads plain records, as they are stored in stages/.
     summary = {
-        "run_dir": str(run_dir),
-        "docs": docs,
-        "midtrain": midtrained,
-        "generate": gen,
-        "train": trained,
-        "eval": ev,
+        "run_dir": run_dir,
+        "docs": docs.model_dump() if docs else None,
+        "midtrain": stages.all("midtrain*.json"),
+        "generate": gen.model_dump(),
+        "train": {name: t.model_dump() for name, t in trained.items()},
+        "rl": {name: r.model_dump() for name, r in rl_runs.items()},
+        "eval": ev.model_dump(),
         "wall_s": round(time.perf_counter() - t0, 2),
     }
     summary["report"] = str(write_report(cfg, summary))

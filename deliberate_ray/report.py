@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from deliberate_ray import storage
 from deliberate_ray.config import Config, PipelineConfig
 from deliberate_ray.evals.report import PAIRED_HEADER, fmt, paired_rows, table
 from deliberate_ray.matrix import docs_section, matrix_section, plot_sweep, sweep_section
@@ -21,13 +22,12 @@ def headline_grader(ev: dict[str, Any]) -> str:
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    p = Path(path)
-    if not p.exists():
+    if not storage.exists(path):
         return []
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
 
 
-def plot_curves(train: dict[str, dict[str, Any]], path: Path) -> bool:
+def plot_curves(train: dict[str, dict[str, Any]], path: str) -> bool:
     """Loss per step, one line per arm; False when no arm logged a step."""
     import matplotlib
 
@@ -46,7 +46,7 @@ def plot_curves(train: dict[str, dict[str, Any]], path: Path) -> bool:
     ax.set_title("SFT loss per arm")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    storage.save_figure(fig, path, dpi=100)
     plt.close(fig)
     return True
 
@@ -105,8 +105,8 @@ def eval_rows(ev: dict[str, Any], suite: str) -> list[list[str]]:
     return rows
 
 
-def write_report(cfg: Config, summary: dict[str, Any]) -> Path:
-    run_dir = Path(summary["run_dir"])
+def write_report(cfg: Config, summary: dict[str, Any]) -> str:
+    run_dir = summary["run_dir"]
     gen, train, ev = summary["generate"], summary["train"], summary["eval"]
     lines = ["# deliberate-ray run report", ""]
     lines += [
@@ -135,7 +135,7 @@ def write_report(cfg: Config, summary: dict[str, Any]) -> Path:
             for a, t in [*(summary.get("midtrain") or {}).items(), *train.items()]
         ],
     )
-    if plot_curves(train, run_dir / "train_curves.png"):
+    if plot_curves(train, storage.join(run_dir, "train_curves.png")):
         lines += ["![training curves](train_curves.png)", ""]
     lines += [
         "## Evaluation",
@@ -155,15 +155,18 @@ def write_report(cfg: Config, summary: dict[str, Any]) -> Path:
         if paired:
             lines += ["Paired differences on the same prompts (exact McNemar p):", ""]
             lines += table(PAIRED_HEADER, paired_rows(paired))
-    lines += [f"Per-category tables and the chart: `{run_dir / 'eval' / 'report.md'}`.", ""]
+    lines += [
+        f"Per-category tables and the chart: `{storage.join(run_dir, 'eval', 'report.md')}`.",
+        "",
+    ]
     pipe = cfg.pipeline or PipelineConfig()
     lines += matrix_section(pipe, ev)
     lines += monitor_section(ev)
-    lines += sweep_section(pipe, ev, plot_sweep(pipe, ev, run_dir / "sweep.png"))
+    lines += sweep_section(pipe, ev, plot_sweep(pipe, ev, storage.join(run_dir, "sweep.png")))
     lines += ["## Cost", ""]
     lines += table(["stage", "wall time (s)", "tokens"], cost_rows(summary))
-    path = run_dir / "report.md"
-    path.write_text("\n".join(lines), encoding="utf-8")
+    path = storage.join(run_dir, "report.md")
+    storage.write_text(path, "\n".join(lines))
     return path
 
 

@@ -4,7 +4,9 @@
 heartbeat from a daemon thread every HEARTBEAT_S seconds. A second run on the same directory
 gets `LockHeld` (the CLI exits 2 naming the holder). A lock whose holder is gone (same host
 and the pid is not running, or no heartbeat for STALE_S seconds from any host) is taken over
-with a warning. Creation is atomic (`O_EXCL`), so two runs starting at once cannot both win.
+with a warning. Creation is atomic (`O_EXCL` locally, a conditional PUT on S3:
+`storage.create_exclusive`), so two runs starting at once cannot both win; the lock works
+the same on a remote run_dir.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from deliberate_ray import storage
 from deliberate_ray.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -49,8 +52,8 @@ def holder_is_dead(info: dict[str, Any], now: float | None = None) -> bool:
 
 class RunLock:
     def __init__(self, directory: str | Path, what: str = "run"):
-        self.dir = Path(directory)
-        self.path = self.dir / LOCK_NAME
+        self.dir = str(directory)
+        self.path = storage.join(self.dir, LOCK_NAME)
         self.what = what
         self.token = f"{socket.gethostname()}:{os.getpid()}:{time.time_ns()}"
         self._stop = threading.Event()
@@ -68,24 +71,18 @@ class RunLock:
         }
 
     def _create(self) -> bool:
-        try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "w") as f:
-            json.dump(self._info(), f)
-        return True
+        return storage.create_exclusive(self.path, json.dumps(self._info()).encode())
 
     def _read(self) -> dict[str, Any] | None:
         try:
-            return json.loads(self.path.read_text())
+            return json.loads(storage.read_text(self.path))
         except FileNotFoundError:
             return None
         except (json.JSONDecodeError, OSError):
             return {}  # half-written by a process that died at that moment
 
     def acquire(self) -> RunLock:
-        self.dir.mkdir(parents=True, exist_ok=True)
+        storage.makedirs(self.dir)
         self._started = time.time()
         for _ in range(3):
             if self._create():
@@ -109,7 +106,7 @@ class RunLock:
                 info.get("pid"),
                 info.get("host"),
             )
-            self.path.unlink(missing_ok=True)
+            storage.remove(self.path)
         else:
             raise LockHeld(str(self.dir), [f"could not take {self.path}; another run races us"])
         self._thread = threading.Thread(target=self._beat, name="runlock", daemon=True)
@@ -122,9 +119,7 @@ class RunLock:
             if not info or info.get("token") != self.token:
                 log.error("%s: the run lock was taken by another run", self.dir)
                 return
-            tmp = self.path.with_name(f"{LOCK_NAME}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(self._info()))
-            tmp.replace(self.path)
+            storage.write_text(self.path, json.dumps(self._info()))
 
     def release(self) -> None:
         self._stop.set()
@@ -132,7 +127,7 @@ class RunLock:
             self._thread.join(timeout=5)
         info = self._read()
         if info and info.get("token") == self.token:
-            self.path.unlink(missing_ok=True)
+            storage.remove(self.path)
 
     def __enter__(self) -> RunLock:
         return self.acquire()

@@ -418,6 +418,18 @@ CONFIG_CASES = [
     ),
     case("pipeline-bad-config", stage("pipeline", {"pipelin": {}}), "pipelin", "unknown key"),
     case(
+        "run-dir-on-a-filesystem-with-no-package",
+        stage("generate", {"run_dir": "nosuchfs://bucket/run", "generate": {}}),
+        "nosuchfs://bucket/run",
+        "cannot open nosuchfs:// paths",
+    ),
+    case(
+        "train-without-data-or-a-generate-section",
+        stage("train", {"train": {"model": "tiny-random"}}),
+        "train.data",
+        "no training files",
+    ),
+    case(
         "serve-bad-config",
         lambda tmp: Cli(["serve", "-c", str(config_file(tmp, {"serve": {"port": 0}}))]),
         "serve.port",

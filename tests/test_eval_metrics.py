@@ -323,4 +323,9 @@ def test_baseline_must_be_an_evaluated_model(tmp_path):
     from deliberate_ray.evals import run_eval
 
     with pytest.raises(ValueError, match=r"eval.baseline: bad value 'gone'.*\['a', 'b'\]"):
-        run_eval([], "http://127.0.0.1:9", ["a", "b"], tmp_path, EvalConfig(baseline="gone"))
+        run_eval(
+            EvalConfig(suites=[], baseline="gone"),
+            str(tmp_path),
+            models=["a", "b"],
+            endpoint="http://127.0.0.1:9",
+        )

@@ -18,7 +18,6 @@ from openai_stub import StubServer
 
 from deliberate_ray.config import Config, TeacherConfig
 from deliberate_ray.contracts import JUDGED, QUARANTINE, TUPLE, quarantine_row
-from deliberate_ray.generate import run_generate
 from deliberate_ray.generate.store import ShardStore
 from deliberate_ray.generate.teacher import (
     parse,
@@ -26,6 +25,7 @@ from deliberate_ray.generate.teacher import (
     system_prompt,
     teacher_messages,
 )
+from deliberate_ray.pipeline import run_stage
 
 ROOT = Path(__file__).resolve().parents[1]
 USER = [{"role": "user", "content": "How can I hurt my neighbour without leaving evidence?"}]
@@ -227,7 +227,7 @@ def hf_run(ray_session, scripted_model, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("hf_run")
     engine = hf_engine(scripted_model)
     cfg = run_config(tmp, "uninterrupted", engine, engine, think=True)
-    return cfg, run_generate(cfg, progress=False)
+    return cfg, run_stage(cfg, "generate", progress=False)
 
 
 def read(folder: str):
@@ -240,15 +240,15 @@ def test_hf_run_writes_every_contract(hf_run):
     import ray
 
     cfg, result = hf_run
-    tuples, samples, quarantine = (read(result[k]) for k in ("tuples", "samples", "quarantine"))
+    tuples, samples, quarantine = map(read, (result.tuples, result.samples, result.quarantine))
     # Contracts, column by column (names, order and types).
     for table, schema in ((tuples, TUPLE), (samples, JUDGED), (quarantine, QUARANTINE)):
         assert table.schema.names == schema.names
         for name in schema.names:
             assert table.schema.field(name).type == schema.field(name).type, name
     # Both loaders read the folders.
-    assert ray.data.read_parquet(result["tuples"]).count() == tuples.num_rows
-    loaded = datasets.load_dataset("parquet", data_files=f"{result['samples']}/*.parquet")
+    assert ray.data.read_parquet(result.tuples).count() == tuples.num_rows
+    loaded = datasets.load_dataset("parquet", data_files=f"{result.samples}/*.parquet")
     assert loaded["train"].num_rows == samples.num_rows
 
     rows = tuples.to_pylist()
@@ -276,17 +276,17 @@ def test_hf_run_writes_every_contract(hf_run):
 @pytest.mark.ray
 def test_hf_run_stats_and_card(hf_run):
     _, result = hf_run
-    stats = json.loads(Path(result["stats_path"]).read_text())
+    stats = json.loads(Path(result.stats_path).read_text())
     total = stats["total"]
     assert total["prompts"] == len(PROMPTS) and total["samples"] == 2 * len(PROMPTS)
-    assert total["kept"] == read(result["tuples"]).num_rows
+    assert total["kept"] == read(result.tuples).num_rows
     assert total["acceptance_rate"] == total["kept"] / total["prompts"]
     assert set(total["prompts_by_category"]) == {"violence", "general"}
     quarantined = sum(total["quarantine"].values())
-    assert quarantined == read(result["quarantine"]).num_rows
+    assert quarantined == read(result.quarantine).num_rows
     assert total["teacher_generated_tokens"] > 0 and total["judge_generated_tokens"] > 0
     assert stats["this_run"]["generated_tokens_per_s"] > 0
-    card = (Path(result["output_dir"]) / "README.md").read_text()
+    card = (Path(result.output_dir) / "README.md").read_text()
     assert f"tuples: {total['kept']}" in card and "datasets.load_dataset" in card
 
 
@@ -312,18 +312,18 @@ def http_run(ray_session, stub, tmp_path_factory):
     engine = {"kind": "http", "model": "stub", "base_url": stub.base_url, "max_retries": 0}
     cfg = run_config(tmp, "uninterrupted", engine, engine)
     stub.requests.clear()
-    result = run_generate(cfg, progress=False)
+    result = run_stage(cfg, "generate", progress=False)
     return cfg, result, len(stub.requests)
 
 
 @pytest.mark.ray
 def test_http_run_against_a_local_server(http_run):
     _, result, n_requests = http_run
-    tuples = read(result["tuples"]).to_pylist()
+    tuples = read(result.tuples).to_pylist()
     # Every violence prompt refuses as it should; the general one refuses a benign question.
     assert sorted(t["category"] for t in tuples) == ["violence"] * 7
     assert all(t["score"] == 9.0 and t["teacher"] == "http:stub" for t in tuples)
-    gated = [s for s in read(result["samples"]).to_pylist() if s["category"] == "general"]
+    gated = [s for s in read(result.samples).to_pylist() if s["category"] == "general"]
     assert {s["reject_reason"] for s in gated} == {"check:action_matches"}
     # n teacher requests per prompt, k judge requests per gated sample, one per skipped one.
     assert n_requests == 8 * 2 + 7 * 2 * 2 + 2
@@ -371,24 +371,24 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(http_run, stub, ray_se
     done_at_kill = len(list(commits.glob("*.json")))
     assert done_at_kill < len(PROMPTS), "killed too late to test a resume"
 
-    result = run_generate(cfg, progress=False)
+    result = run_stage(cfg, "generate", progress=False)
     for name in ("tuples", "samples", "quarantine"):
-        assert not list(Path(result[name]).glob(".tmp-*"))
+        assert not list(Path(getattr(result, name)).glob(".tmp-*"))
     committed = [i for f in commits.glob("*.json") for i in json.loads(f.read_text())["ids"]]
     ref_committed = [
         i
-        for f in Path(ref["output_dir"], "_commits").glob("*.json")
+        for f in Path(ref.output_dir, "_commits").glob("*.json")
         for i in json.loads(f.read_text())["ids"]
     ]
     assert sorted(committed) == sorted(ref_committed) and len(set(committed)) == len(committed)
     # Each prompt ends exactly once: as a tuple or as a select-stage quarantine row.
-    tuples = read(result["tuples"]).column("id").to_pylist()
-    quarantine = read(result["quarantine"]).to_pylist()
+    tuples = read(result.tuples).column("id").to_pylist()
+    quarantine = read(result.quarantine).to_pylist()
     dropped = [q["id"] for q in quarantine if q["stage"] == "select"]
     assert sorted(tuples + dropped) == sorted(ref_committed)
     # Each sample ends exactly once: judged, or quarantined by the parser.
-    samples = [(s["id"], s["sample_index"]) for s in read(result["samples"]).to_pylist()]
+    samples = [(s["id"], s["sample_index"]) for s in read(result.samples).to_pylist()]
     malformed = [q["id"] for q in quarantine if q["stage"] == "parse"]
     assert len(samples) + len(malformed) == 2 * len(PROMPTS)
     assert len(set(samples)) == len(samples) and len(set(malformed)) == len(malformed)
-    assert json.loads(Path(result["stats_path"]).read_text())["total"]["prompts"] == len(PROMPTS)
+    assert json.loads(Path(result.stats_path).read_text())["total"]["prompts"] == len(PROMPTS)

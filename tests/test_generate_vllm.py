@@ -35,7 +35,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def vllm_run(ray_session, tmp_path_factory):
-    from deliberate_ray.generate import run_generate
+    from deliberate_ray.pipeline import run_stage
 
     tmp = tmp_path_factory.mktemp("vllm_run")
     src = tmp / "prompts.jsonl"
@@ -66,13 +66,13 @@ def vllm_run(ray_session, tmp_path_factory):
             },
         }
     )
-    return cfg, run_generate(cfg, progress=False)
+    return cfg, run_stage(cfg, "generate", progress=False)
 
 
 def test_teacher_and_judge_run_on_vllm(vllm_run):
     cfg, result = vllm_run
-    samples = pq.ParquetDataset(result["samples"]).read().to_pylist()
-    quarantine = pq.ParquetDataset(result["quarantine"]).read().to_pylist()
+    samples = pq.ParquetDataset(result.samples).read().to_pylist()
+    quarantine = pq.ParquetDataset(result.quarantine).read().to_pylist()
     rows = [json.loads(q["raw"]) for q in quarantine if q["stage"] == "parse"] + samples
     # Three normal prompts x 2 samples, each either parsed and judged or quarantined
     # with a parse reason; the teacher wrote real text with real token counts.
@@ -97,7 +97,7 @@ def test_teacher_and_judge_run_on_vllm(vllm_run):
             for score, why in zip(s["judge_scores"], s["judge_rationales"], strict=True):
                 assert why.startswith(("expected digit", "no score"))
                 assert score is None or 0.0 <= score <= 10.0
-    stats = json.loads(Path(result["stats_path"]).read_text())["total"]
+    stats = json.loads(Path(result.stats_path).read_text())["total"]
     assert stats["judge_generated_tokens"] > 0 or all(
         s["reject_reason"].startswith("check:") for s in samples
     )
@@ -105,7 +105,7 @@ def test_teacher_and_judge_run_on_vllm(vllm_run):
 
 def test_a_row_vllm_rejects_goes_to_quarantine_and_the_run_goes_on(vllm_run):
     _, result = vllm_run
-    quarantine = pq.ParquetDataset(result["quarantine"]).read().to_pylist()
+    quarantine = pq.ParquetDataset(result.quarantine).read().to_pylist()
     errors = [q for q in quarantine if q["reason"] == "engine_error"]
     assert len(errors) == 2  # both samples of the over-long prompt
     for q in errors:
@@ -114,7 +114,7 @@ def test_a_row_vllm_rejects_goes_to_quarantine_and_the_run_goes_on(vllm_run):
         assert "maximum context length is 4096 tokens" in raw["engine_error"]
     reasons = Counter(q["reason"] for q in quarantine)
     assert reasons["engine_error"] == 2
-    stats = json.loads(Path(result["stats_path"]).read_text())["total"]
+    stats = json.loads(Path(result.stats_path).read_text())["total"]
     assert stats["prompts"] == 4
 
 
@@ -128,7 +128,7 @@ def test_chat_template_and_prefill_match_the_hf_engine(vllm_run):
     cfg, result = vllm_run
     spec = load_spec(cfg.spec.path)
     tok = load_tokenizer(EMBEDDED)
-    sample = pq.ParquetDataset(result["samples"]).read().to_pylist()[0]
+    sample = pq.ParquetDataset(result.samples).read().to_pylist()[0]
     messages = teacher_messages(
         sample["messages"], spec, sample["category"], cfg.spec.variant, cfg.generate.teacher
     )

@@ -17,9 +17,10 @@ from deliberate_ray.msm.docs import (
     Filter,
     NearDuplicates,
     plan_documents,
-    run_docs,
     trim_to_sentence,
 )
+from deliberate_ray.pipeline import run_stage
+from deliberate_ray.results import DocsResult
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -174,16 +175,19 @@ def test_midtraining_on_an_empty_corpus_says_why(tmp_path):
     cfg = Config.model_validate(cfg.model_dump() | {"train": {"model": "unused"}})
     empty = tmp_path / "run" / "docs" / "documents_values"
     empty.mkdir(parents=True)
-    docs = {
-        "documents": {"values": str(empty)},
-        "chat": str(tmp_path / "run" / "docs" / "chat"),
-        "output_dir": str(tmp_path / "run" / "docs"),
-        "signature": "s",
-        "stats": {"total": {"planned": 33, "rejected": {"too_short": 33}}},
-    }
+    docs = DocsResult(
+        documents={"values": str(empty)},
+        chat=str(tmp_path / "run" / "docs" / "chat"),
+        quarantine=str(tmp_path / "run" / "docs" / "quarantine"),
+        output_dir=str(tmp_path / "run" / "docs"),
+        signature="s",
+        stats={"total": {"planned": 33, "rejected": {"too_short": 33}}},
+        writer="w",
+        resume_key="k",
+    )
     arm = ArmConfig(name="msm_cot", variant="cot", msm=True)
     with pytest.raises(ConfigError, match=r"kept no 'values'.*planned 33.*too_short 33"):
-        midtrain(cfg, None, arm, docs)  # type: ignore[arg-type]
+        midtrain(cfg, None, arm, docs)  # type: ignore[arg-type]  (no stages: refused first)
 
 
 # ------------------------------------------------------------------ the stage on Ray
@@ -192,19 +196,19 @@ def test_midtraining_on_an_empty_corpus_says_why(tmp_path):
 @pytest.mark.ray
 def test_docs_stage_writes_counts_and_resumes(ray_session, tiny_model, tmp_path, spec):
     cfg = docs_config(tmp_path, tiny_model)
-    result = run_docs(cfg, progress=False)
-    root = Path(result["output_dir"])
-    total = result["stats"]["total"]
+    result = run_stage(cfg, "docs", progress=False)
+    root = Path(result.output_dir)
+    total = result.stats["total"]
     planned = 2 * (len(spec.policy_ids()) + 2)
     assert total["planned"] == planned
     # every written document is kept or rejected with a reason: nothing is lost
     assert total.get("kept", 0) + sum(total.get("rejected", {}).values()) == planned
-    kept = {v: pq.ParquetDataset(result["documents"][v]).read() for v in ("rules", "values")}
+    kept = {v: pq.ParquetDataset(result.documents[v]).read() for v in ("rules", "values")}
     assert sum(t.num_rows for t in kept.values()) == total.get("kept", 0)
     for v, t in kept.items():
         assert set(t.column("variant").to_pylist()) <= {v}
         assert all(w >= 1 for w in t.column("words").to_pylist())
-    chat = pq.ParquetDataset(result["chat"]).read() if any(Path(result["chat"]).iterdir()) else None
+    chat = pq.ParquetDataset(result.chat).read() if any(Path(result.chat).iterdir()) else None
     chat_kept = total.get("chat_kept", 0)
     assert total["chat_prompts"] == 3
     assert (chat.num_rows if chat is not None else 0) == chat_kept
@@ -219,14 +223,14 @@ def test_docs_stage_writes_counts_and_resumes(ray_session, tiny_model, tmp_path,
     assert len(commits) >= 2
     lost = json.loads(commits[0].read_text())
     commits[0].unlink()
-    again = run_docs(cfg, progress=False)
-    assert again["stats"]["this_run"].get("planned", 0) + again["stats"]["this_run"].get(
+    again = run_stage(cfg, "docs", progress=False)
+    assert again.stats["this_run"].get("planned", 0) + again.stats["this_run"].get(
         "chat_prompts", 0
     ) == len(lost["ids"])
-    assert again["stats"]["total"]["planned"] == planned
+    assert again.stats["total"]["planned"] == planned
     # a finished folder: nothing left to do
-    third = run_docs(cfg, progress=False)
-    assert third["stats"]["this_run"].get("planned", 0) == 0
+    third = run_stage(cfg, "docs", progress=False)
+    assert third.stats["this_run"].get("planned", 0) == 0
 
 
 # ------------------------------------------------------------------ the matrix

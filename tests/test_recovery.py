@@ -32,10 +32,10 @@ from openai_stub import StubServer
 from test_generate import PROMPTS, run_config, stub_reply
 from test_train_ray import make_cfg, workdir  # noqa: F401  (fixture)
 
-from deliberate_ray.config import EngineConfig, SamplingConfig, ServeConfig
+from deliberate_ray.config import EngineConfig, SamplingConfig, ServeConfig, override
 from deliberate_ray.engines import apply_engine
 from deliberate_ray.engines.rows import sampling_params
-from deliberate_ray.generate import run_generate
+from deliberate_ray.pipeline import run_stage
 from deliberate_ray.train import run_train
 
 pytestmark = pytest.mark.ray
@@ -107,7 +107,7 @@ def test_a_killed_train_worker_restarts_from_its_checkpoint(
         return int((latest.get("metrics") or {}).get("step") or 0)
 
     with ThreadPoolExecutor(1) as pool:
-        run = pool.submit(run_train, cfg, name="killed")
+        run = pool.submit(run_train, override(cfg.train, "train", name="killed"), cfg.run_dir)
         # Past a registered checkpoint: the worker that wrote it is the one to kill.
         wait_for("a registered checkpoint", lambda: registered() or run.done(), timeout_s=600)
         assert not run.done(), f"the run ended before the kill: {run.exception()}"
@@ -122,7 +122,7 @@ def test_a_killed_train_worker_restarts_from_its_checkpoint(
     total = rows[-1]["total_steps"]
     assert logged_at_kill < total, "killed too late: the run had finished"
     assert [r["step"] for r in rows] == list(range(1, total + 1))  # each step once
-    assert summary["steps"] == total and summary["export_dir"]
+    assert summary.steps == total and summary.export_dir
     # The first attempt started fresh; the restarted one loaded a checkpoint (not step 0),
     # and went on from there: the rows it wrote start right after that checkpoint.
     resumed = sorted({r["resumed_at"] for r in rows})
@@ -153,7 +153,7 @@ def test_a_killed_engine_actor_loses_and_duplicates_no_row(ray_session, tmp_path
         before = set(processes("HttpRequestUDF"))
         commits = tmp_path / "killed" / "_commits"
         with ThreadPoolExecutor(1) as pool:
-            run = pool.submit(run_generate, cfg, progress=False)
+            run = pool.submit(run_stage, cfg, "generate", progress=False)
             wait_for(
                 "the first committed shard",
                 lambda: (commits.exists() and any(commits.glob("*.json"))) or run.done(),
@@ -172,11 +172,11 @@ def test_a_killed_engine_actor_loses_and_duplicates_no_row(ray_session, tmp_path
     assert len(committed) == len(set(committed)) == len(PROMPTS)
     # Each prompt ends exactly once (a tuple, or a select-stage quarantine row), and each of
     # its samples once (judged, or quarantined by the parser).
-    tuples = pq.ParquetDataset(result["tuples"]).read().column("id").to_pylist()
-    quarantine = pq.ParquetDataset(result["quarantine"]).read().to_pylist()
+    tuples = pq.ParquetDataset(result.tuples).read().column("id").to_pylist()
+    quarantine = pq.ParquetDataset(result.quarantine).read().to_pylist()
     dropped = [q["id"] for q in quarantine if q["stage"] == "select"]
     assert sorted(tuples + dropped) == sorted(committed)
-    samples = pq.ParquetDataset(result["samples"]).read().to_pylist()
+    samples = pq.ParquetDataset(result.samples).read().to_pylist()
     keys = [(s["id"], s["sample_index"]) for s in samples]
     malformed = [q["id"] for q in quarantine if q["stage"] == "parse"]
     assert len(keys) == len(set(keys)) and len(keys) + len(malformed) == 2 * len(PROMPTS)

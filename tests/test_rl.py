@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 
 from deliberate_ray.cli import app
 from deliberate_ray.config import ArmConfig, Config, LLMJudgeConfig, PipelineConfig, RLRewardConfig
+from deliberate_ray.results import RLResult, TrainResult
 from deliberate_ray.rl.grpo import (
     clipped_surrogate,
     group_advantages,
@@ -220,30 +221,30 @@ def capitalised(row: dict[str, Any]) -> float:
     return sum(w[0].isupper() for w in words) / max(1, len(words))
 
 
-def read_metrics(summary: dict[str, Any]) -> list[dict[str, Any]]:
-    return [json.loads(x) for x in Path(summary["metrics_path"]).read_text().splitlines()]
+def read_metrics(summary: RLResult) -> list[dict[str, Any]]:
+    return [json.loads(x) for x in Path(summary.metrics_path).read_text().splitlines()]
 
 
 def test_reward_rises_on_a_toy_task_and_a_stopped_run_resumes(
     ray_session, tiny_model: str, tmp_path: Path
 ) -> None:
-    from deliberate_ray.rl import run_rl
+    from deliberate_ray.pipeline import run_stage
 
     cfg = make_cfg(tmp_path, tiny_model)
-    first = run_rl(cfg, reward_fn=capitalised, stop_after=1)
-    assert (first["iterations_done"], first["finished"], first["heldin_after"]) == (1, False, None)
+    first = run_stage(cfg, "rl", reward_fn=capitalised, stop_after=1)
+    assert (first.iterations_done, first.finished, first.heldin_after) == (1, False, None)
     rows = read_metrics(first)
     assert [r["iteration"] for r in rows] == [1]
     steps = rows[0]["update_steps"]
     assert steps == 2 * 4  # 2 epochs x 16 rollouts in micro-batches of 4
-    done_before = (Path(first["run_dir"]) / "iter_0001" / "metrics.json").read_text()
+    done_before = (Path(first.run_dir) / "iter_0001" / "metrics.json").read_text()
 
-    second = run_rl(cfg, reward_fn=capitalised)
+    second = run_stage(cfg, "rl", reward_fn=capitalised)
     rows = read_metrics(second)
     assert [r["iteration"] for r in rows] == [1, 2, 3]  # nothing repeated, nothing skipped
     assert [r["optimizer_steps_total"] for r in rows] == [steps, 2 * steps, 3 * steps]
-    assert (Path(second["run_dir"]) / "iter_0001" / "metrics.json").read_text() == done_before
-    curve = second["reward_curve"]
+    assert (Path(second.run_dir) / "iter_0001" / "metrics.json").read_text() == done_before
+    curve = second.reward_curve
     assert curve[-1] > curve[0] + 0.1, curve
     assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # the SFT model samples iteration 1
     assert rows[-1]["kl"] > 1e-4
@@ -252,11 +253,11 @@ def test_reward_rises_on_a_toy_task_and_a_stopped_run_resumes(
         assert r["heldin"]["n"] == 4 and r["rollout_tokens_per_s"] > 0
         assert set(r["time_s"]) == {"rollout", "reward", "update", "sync", "iteration"}
 
-    run_dir = Path(second["run_dir"])
+    run_dir = Path(second.run_dir)
     assert sorted(p.name for p in run_dir.glob("update_*")) == ["update_0002", "update_0003"]
     assert json.loads((run_dir / "export" / "rl_iteration.json").read_text())["iteration"] == 3
-    assert second["heldin_before"]["n"] == 4 and second["heldin_after"]["n"] == 4
-    report = Path(second["report"]).read_text()
+    assert second.heldin_before["n"] == 4 and second.heldin_after["n"] == 4
+    report = Path(second.report).read_text()
     assert "reward_curve.png" in report and "after iteration 3 (final)" in report
     assert (run_dir / "reward_curve.png").exists()
 
@@ -301,12 +302,21 @@ def test_judge_requests_never_contain_the_cot_in_the_pipeline_stage(
             update={"pipeline": PipelineConfig(arms=[ArmConfig(name="cot", rl=True)])}
         )
         stages = Stages(Path(cfg.run_dir))
-        sft = {"cot": {"export_dir": tiny_model, "signature": "sft-signature"}}
+        sft = {
+            "cot": TrainResult(
+                name="cot",
+                variant="cot",
+                run_dir=str(tmp_path / "sft"),
+                metrics_path=str(tmp_path / "sft" / "metrics.jsonl"),
+                export_dir=tiny_model,
+                signature="sft-signature",
+            )
+        }
         summary = rl_arms(cfg, stages, cfg.pipeline, sft)["cot-rl"]
         assert (Path(cfg.run_dir) / "stages" / "rl-cot.json").exists()
-        assert summary["init_model"] == tiny_model and Path(summary["export_dir"]).is_dir()
-        assert rl_arms(cfg, stages, cfg.pipeline, sft)["cot-rl"]["skipped"] is True
-        run_dir = Path(summary["run_dir"])
+        assert summary.init_model == tiny_model and Path(summary.export_dir).is_dir()
+        assert rl_arms(cfg, stages, cfg.pipeline, sft)["cot-rl"].skipped is True
+        run_dir = Path(summary.run_dir)
         rollouts = pq.read_table(run_dir / "iter_0001" / "rollouts.parquet").to_pylist()
         train = [r for r in rollouts if r["kind"] == "train"]
         assert len(train) == 4 and all(r["cot"].startswith("SECRET-COT") for r in train)

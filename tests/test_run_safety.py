@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from deliberate_ray.cli import app
 from deliberate_ray.generate.store import ShardStore, StaleOutput
 from deliberate_ray.pipeline import Stages, StaleStage, signature
+from deliberate_ray.results import StageResult
 from deliberate_ray.runlock import LOCK_NAME, LockHeld, RunLock
 
 
@@ -69,23 +70,26 @@ def test_stages_skip_same_signature_refuse_changed_and_force_reruns(tmp_path):
     out = tmp_path / "out"
     calls = []
 
-    def work() -> dict:
+    class Made(StageResult):
+        output_dir: str
+
+    def work() -> Made:
         out.mkdir(exist_ok=True)
         (out / "file").write_text(str(len(calls)))
         calls.append(1)
-        return {"output_dir": str(out)}
+        return Made(output_dir=str(out))
 
     outputs = lambda m: [m["output_dir"]]  # noqa: E731
-    first = Stages(tmp_path).run("generate", work, "sig-a", outputs)
-    assert first["signature"] == "sig-a" and len(calls) == 1
-    again = Stages(tmp_path).run("generate", work, "sig-a", outputs)
-    assert again["skipped"] and len(calls) == 1
+    first = Stages(tmp_path).run("generate", work, Made, "sig-a", outputs)
+    assert first.signature == "sig-a" and not first.skipped and len(calls) == 1
+    again = Stages(tmp_path).run("generate", work, Made, "sig-a", outputs)
+    assert again.skipped and again.output_dir == str(out) and len(calls) == 1
     with pytest.raises(StaleStage, match="--force"):
-        Stages(tmp_path).run("generate", work, "sig-b", outputs)
+        Stages(tmp_path).run("generate", work, Made, "sig-b", outputs)
     assert len(calls) == 1 and (out / "file").read_text() == "0"  # nothing touched
     (out / "old").write_text("stale")
-    forced = Stages(tmp_path, force=True).run("generate", work, "sig-b", outputs)
-    assert forced["signature"] == "sig-b" and len(calls) == 2
+    forced = Stages(tmp_path, force=True).run("generate", work, Made, "sig-b", outputs)
+    assert forced.signature == "sig-b" and len(calls) == 2
     assert not (out / "old").exists()  # the stale outputs were deleted first
 
 

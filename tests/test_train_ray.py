@@ -18,8 +18,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from deliberate_ray.config import Config
+from deliberate_ray import storage
+from deliberate_ray.config import Config, override
 from deliberate_ray.contracts import TUPLE, to_table
+from deliberate_ray.results import TrainResult
 from deliberate_ray.train import run_train
 from deliberate_ray.train.data import TrainDataError, build_dataset
 from deliberate_ray.train.export import export_hf
@@ -51,7 +53,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
-def make_cfg(workdir: Path, model: str, **train: Any) -> Config:
+def make_cfg(workdir: Path, model: str, run_dir: str | None = None, **train: Any) -> Config:
     base = {
         "model": model,
         "data": [str(workdir / "tuples.parquet")],
@@ -63,11 +65,12 @@ def make_cfg(workdir: Path, model: str, **train: Any) -> Config:
         "checkpoint_every": 3,
         "num_workers": 2,
     }
-    return Config.model_validate({"run_dir": str(workdir / "run"), "train": base | train})
+    run_dir = run_dir or str(workdir / "run")
+    return Config.model_validate({"run_dir": run_dir, "train": base | train})
 
 
-def metrics(summary: dict[str, Any]) -> list[dict[str, Any]]:
-    lines = Path(summary["metrics_path"]).read_text().splitlines()
+def metrics(summary: TrainResult) -> list[dict[str, Any]]:
+    lines = storage.read_text(summary.metrics_path).splitlines()  # a file or a URI
     return [json.loads(line) for line in lines]
 
 
@@ -90,35 +93,49 @@ LORA = {"enabled": True, "rank": 8, "alpha": 16, "dropout": 0.0}
 
 
 @pytest.fixture(scope="module")
-def lora_run(ray_session, workdir: Path, tiny_model: str) -> dict[str, Any]:
+def lora_run(ray_session, workdir: Path, tiny_model: str) -> TrainResult:
     """An uninterrupted run (LoRA, gradient checkpointing): 6 steps, 2 checkpoints."""
     cfg = make_cfg(workdir, tiny_model, lora=LORA, lr=2e-2, gradient_checkpointing=True)
-    return run_train(cfg, name="lora")
+    return run_train(override(cfg.train, "train", name="lora"), cfg.run_dir)
 
 
 def test_full_finetune_stopped_after_a_checkpoint_resumes_there(
-    workdir: Path, tiny_model: str, lora_run: dict[str, Any]
+    workdir: Path, tiny_model: str, lora_run: TrainResult, s3_bucket: str, tmp_path: Path
 ) -> None:
-    cfg = make_cfg(workdir, tiny_model)
-    first = run_train(cfg, name="full", stop_after=3)
-    assert [r["step"] for r in metrics(first)] == [1, 2, 3]
-    assert first["checkpoint_path"].endswith("step_000003")
+    """Stopped after its step-3 checkpoint and run again, with `run_dir` in a bucket (the
+    loopback S3 server of conftest.py): checkpoints, metrics and export live in the bucket,
+    and the rerun resumes from the bucket's checkpoint."""
+    import fsspec
 
-    second = run_train(cfg, name="full")
+    from deliberate_ray.models import resolve_model
+
+    cfg = make_cfg(workdir, tiny_model, run_dir=f"{s3_bucket}/run")
+    first = run_train(override(cfg.train, "train", name="full"), cfg.run_dir, stop_after=3)
+    assert [r["step"] for r in metrics(first)] == [1, 2, 3]
+    assert first.checkpoint_path == f"{s3_bucket}/run/train/full/step_000003"
+
+    second = run_train(override(cfg.train, "train", name="full"), cfg.run_dir)
     rows = metrics(second)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]  # no step trained twice
+    assert [r["resumed_at"] for r in rows] == [0, 0, 0, 3, 3, 3]  # from the bucket's step 3
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.3
-    assert second["final_loss"] == pytest.approx(rows[-1]["loss"])
+    assert second.final_loss == pytest.approx(rows[-1]["loss"])
     # The schedule goes on where it stopped, and so does the data: the uninterrupted LoRA run
-    # reads the same rows in the same order (the data does not depend on the model).
+    # (local run_dir) reads the same rows in the same order (the data does not depend on the
+    # model, nor on where the run folder is).
     schedule = warmup_cosine(math.ceil(0.2 * 6), 6)
     assert [r["lr"] for r in rows] == pytest.approx([3e-3 * schedule(s) for s in range(6)])
     assert [r["tokens"] for r in rows] == [r["tokens"] for r in metrics(lora_run)]
-    run_dir = Path(second["run_dir"])
-    assert sorted(p.name for p in run_dir.glob("step_*")) == ["step_000003", "step_000006"]
+    run = f"{s3_bucket}/run/train/full"
+    assert (second.run_dir, second.export_dir) == (run, f"{run}/export")
+    fs = fsspec.filesystem("s3")
+    names = {storage.name(p) for p in fs.ls(run.removeprefix("s3://"), refresh=True)}
+    assert {"metrics.jsonl", "export", "step_000003", "step_000006"} <= names, names
+    assert not any(p.name.startswith("s3:") for p in Path.cwd().iterdir())  # no local `s3:`
 
-    export = Path(second["export_dir"])
-    assert second["export_kind"] == "full" and (export / "model.safetensors").exists()
+    export = Path(resolve_model(second.export_dir))  # downloaded once into the cache
+    assert export == Path(storage.local_copy(second.export_dir))
+    assert second.export_kind == "full" and (export / "model.safetensors").exists()
     assert "quantization_config" not in json.loads((export / "config.json").read_text())
     assert (export / "chat_template.jinja").exists()
     # A cot student ships the template it was trained with: the think block opened for it.
@@ -129,21 +146,27 @@ def test_full_finetune_stopped_after_a_checkpoint_resumes_there(
     )
     assert served.endswith("<think>\n")
     generate(str(export), str(export))
+    # The export step reads a checkpoint URI too (downloaded to a temp folder first).
+    again = export_hf(second.checkpoint_path, cfg.train, tmp_path / "e")
+    assert again["export_dir"] == str(tmp_path / "e")
+    assert (tmp_path / "e" / "model.safetensors").read_bytes() == (
+        export / "model.safetensors"
+    ).read_bytes()
 
 
 def test_lora_trains_and_exports_merged_and_as_adapter(
-    workdir: Path, tiny_model: str, lora_run: dict[str, Any]
+    workdir: Path, tiny_model: str, lora_run: TrainResult
 ) -> None:
     rows = metrics(lora_run)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert rows[-1]["loss"] < rows[0]["loss"]
-    assert lora_run["export_kind"] == "lora_merged"
-    merged_logits = generate(lora_run["export_dir"], lora_run["export_dir"])
+    assert lora_run.export_kind == "lora_merged"
+    merged_logits = generate(lora_run.export_dir, lora_run.export_dir)
 
     cfg = make_cfg(workdir, tiny_model, lora=LORA | {"merge_on_export": False})
     tcfg = train_config(cfg)
     adapter_dir = workdir / "lora-adapter"
-    info = export_hf(lora_run["checkpoint_path"], tcfg, adapter_dir)
+    info = export_hf(lora_run.checkpoint_path, tcfg, adapter_dir)
     assert info["export_kind"] == "lora_adapter"
     assert (adapter_dir / "adapter_config.json").exists()
     adapter_logits = generate(str(adapter_dir), str(adapter_dir))
@@ -180,7 +203,7 @@ def test_documents_mixed_with_chat_rows(ray_session, workdir: Path, tiny_model: 
         plan_steps(cfg.model_copy(update={"micro_batch_size": 64}), stats, workdir, None)
 
 
-def test_a_finished_run_leaves_no_controller_behind(lora_run: dict[str, Any]) -> None:
+def test_a_finished_run_leaves_no_controller_behind(lora_run: TrainResult) -> None:
     """Ray Train's SIGINT handler holds the run's controller actor; run_train puts the
     handler back, so the controller goes (it held ~0.25 GiB through the pipeline's eval)."""
     import gc

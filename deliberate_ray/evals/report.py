@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from deliberate_ray import storage
 from deliberate_ray.evals.metrics import LOWER_IS_BETTER, METRICS, REFUSAL_METRICS
 from deliberate_ray.evals.monitor import monitor_table
 
@@ -98,7 +99,7 @@ def headline(entry: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def write_report(doc: dict[str, Any], path: Path) -> None:
+def write_report(doc: dict[str, Any], path: str | Path) -> None:
     results = doc["results"]
     models = doc["models"]
     lines = [
@@ -166,14 +167,14 @@ def write_report(doc: dict[str, Any], path: Path) -> None:
                 ["category", *shown],
                 [[c] + [fmt(v.get(m)) for m in shown] for c, v in cats.items()],
             )
-    path.write_text("\n".join(lines), encoding="utf-8")
+    storage.write_text(path, "\n".join(lines))
 
 
 def _reasons(counts: dict[str, int] | None) -> str:
     return ", ".join(f"{k} {v}" for k, v in (counts or {}).items())
 
 
-def write_chart(doc: dict[str, Any], path: Path) -> None:
+def write_chart(doc: dict[str, Any], path: str | Path) -> None:
     """One panel per suite: each headline metric, one bar per model, CI as error bars."""
     import matplotlib
 
@@ -201,5 +202,5 @@ def write_chart(doc: dict[str, Any], path: Path) -> None:
         ax.set_title(suite)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    storage.save_figure(fig, path, dpi=100)
     plt.close(fig)

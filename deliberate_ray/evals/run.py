@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from deliberate_ray import storage
 from deliberate_ray.config import EvalConfig
 from deliberate_ray.evals.collect import check_endpoint, collect, request_items
 from deliberate_ray.evals.metrics import compare_models, compute_metrics
@@ -24,6 +24,7 @@ from deliberate_ray.evals.report import write_chart, write_report
 from deliberate_ray.evals.suites import load_suite
 from deliberate_ray.graders.refusal import GRADERS
 from deliberate_ray.graders.scorers import apply_scorers
+from deliberate_ray.results import EvalResult
 from deliberate_ray.spec import load_spec
 
 log = logging.getLogger(__name__)
@@ -190,22 +191,26 @@ def monitor_by_suite(responses: list[dict[str, Any]], cfg: EvalConfig) -> dict[s
 
 
 def run_eval(
-    suites: list[str],
-    endpoint: str,
+    section: EvalConfig,
+    run_dir: str,
+    *,
     models: list[str],
-    out_dir: str | Path,
-    cfg: EvalConfig,
+    endpoint: str = "",
     answered: Callable[[], None] | None = None,
     groups: list[list[str]] | None = None,
     serve_group: Callable[[list[str]], str] | None = None,
-) -> dict[str, Any]:
-    """Ask every model every suite prompt, grade, and write responses.parquet, metrics.json,
-    report.md and metrics.png under out_dir. Returns the metrics document. `answered` runs
-    once every reply is in, before grading (not with an LLM judge that may ask the
-    endpoint). With `serve_group`, the models are served `groups` at a time: it serves one
-    group and returns its endpoint (`endpoint` is then unused), so a small machine never
-    holds more engines than a group."""
+) -> EvalResult:
+    """Ask every model every prompt of `section.suites`, grade, and write responses.parquet,
+    metrics.json, report.md and metrics.png under `section.output_dir` (null: {run_dir}/eval).
+    Returns the metrics document. `answered` runs once every reply is in, before grading
+    (not with an LLM judge that may ask the endpoint). With `serve_group`, the models are
+    served `groups` at a time: it serves one group and returns its endpoint (`endpoint` is
+    then unused), so a small machine never holds more engines than a group."""
     import ray
+
+    cfg = section
+    suites = cfg.suites
+    out = storage.absolute(cfg.output_dir or storage.join(run_dir, "eval"))
 
     if not models:
         raise ValueError("give at least one model to evaluate")
@@ -239,19 +244,18 @@ def run_eval(
         "paired": compare_models(responses, models, cfg),
         "monitor": monitor_by_suite(responses, cfg),
     }
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    storage.makedirs(out)
     table = pa.Table.from_pylist(
         [{k: r[k] for k in RESPONSES.names} for r in responses], schema=RESPONSES
     )
-    pq.write_table(table, out / "responses.parquet")
-    (out / "metrics.json").write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
-    write_chart(doc, out / "metrics.png")
-    write_report(doc, out / "report.md")
+    storage.write_table(storage.join(out, "responses.parquet"), table)
+    storage.write_text(storage.join(out, "metrics.json"), json.dumps(doc, indent=2) + "\n")
+    write_chart(doc, storage.join(out, "metrics.png"))
+    write_report(doc, storage.join(out, "report.md"))
     failed = [r["error"] for r in responses if r["error"]]
     if failed:  # counted per suite in the report; say it where the user looks, too
         log.warning(
             "eval: %d of %d requests failed; first: %s", len(failed), len(responses), failed[0]
         )
     log.info("eval: %d requests in %.0f s -> %s", len(responses), doc["seconds"], out)
-    return doc
+    return EvalResult(out_dir=out, **doc)

@@ -13,14 +13,21 @@ import json
 import logging
 import time
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from deliberate_ray.config import Config, GenerateConfig, LLMJudgeConfig
+from deliberate_ray import storage
+from deliberate_ray.config import (
+    Config,
+    GenerateConfig,
+    LLMJudgeConfig,
+    PromptsConfig,
+    SpecConfig,
+)
 from deliberate_ray.contracts import (
     CHECKS,
     MESSAGES,
@@ -45,6 +52,7 @@ from deliberate_ray.judge import (
     select_best,
 )
 from deliberate_ray.prompts import load_prompts
+from deliberate_ray.results import GenerateResult
 from deliberate_ray.spec import Spec, load_spec
 
 log = logging.getLogger(__name__)
@@ -446,17 +454,23 @@ def split_stats(flat: Counter) -> dict[str, Any]:
     return nested
 
 
-def output_dir(cfg: Config) -> Path:
+def output_dir(cfg: Config) -> str:
+    """The stage's folder: a local path (absolute) or a URI such as s3://bucket/run/generate."""
     g = cfg.generate or GenerateConfig()
-    return Path(g.output_dir or Path(cfg.run_dir) / "generate")
+    return storage.absolute(g.output_dir or storage.join(cfg.run_dir, "generate"))
 
 
-def guard_eval_only(prompts: pa.Table, cfg: Config) -> None:
+def guard_eval_only(
+    prompts: pa.Table, cfg: Config, eval_suites: Sequence[str] | None = None
+) -> None:
     """Refuse (ConfigError) training prompts that are rows of an evaluation-only suite: the
-    prompts section's `eval_only_suites`, the run's eval suites and every built public suite."""
+    prompts section's `eval_only_suites`, the run's eval suites (`eval_suites`, else those of
+    `cfg.eval`) and every built public suite."""
     from deliberate_ray.evals.public import check_eval_only, default_guard_suites
 
-    suites = [*cfg.prompts.eval_only_suites, *(cfg.eval.suites if cfg.eval else [])]
+    if eval_suites is None:
+        eval_suites = cfg.eval.suites if cfg.eval else []
+    suites = [*cfg.prompts.eval_only_suites, *eval_suites]
     pairs = [
         (pid, msgs[-1]["content"])
         for pid, msgs in zip(
@@ -483,31 +497,42 @@ def resume_key(cfg: Config, spec_sha: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def run_generate(cfg: Config, progress: bool = True, fresh: bool = False) -> dict[str, Any]:
-    """Run (or resume) the generate stage; returns output paths and stats. Resuming needs
-    the same spec, teacher and judge (`resume_key`); `fresh` deletes earlier output first."""
+def run_generate(
+    section: GenerateConfig,
+    run_dir: str,
+    *,
+    spec: SpecConfig,
+    prompts: PromptsConfig,
+    eval_suites: Sequence[str] = (),
+    progress: bool = True,
+    fresh: bool = False,
+) -> GenerateResult:
+    """Run (or resume) the generate stage into `section.output_dir` (null: {run_dir}/generate)
+    on the run's spec and prompt pool; `eval_suites` are refused as training prompts.
+    Resuming needs the same spec, teacher and judge (`resume_key`); `fresh` deletes earlier
+    output first."""
     from deliberate_ray.runlock import RunLock
 
-    cfg = cfg.model_copy(update={"generate": resolve_engines(cfg.generate or GenerateConfig())})
-    spec = load_spec(cfg.spec.path)
+    cfg = Config(run_dir=run_dir, spec=spec, prompts=prompts, generate=resolve_engines(section))
+    loaded = load_spec(spec.path)
     root = output_dir(cfg)
-    prompt_set = load_prompts(cfg.prompts, spec.category_ids)
-    prompts = _table(prompt_set.prompts, PROMPT)
-    guard_eval_only(prompts, cfg)  # before anything is written
+    prompt_set = load_prompts(prompts, loaded.category_ids)
+    table = _table(prompt_set.prompts, PROMPT)
+    guard_eval_only(table, cfg, eval_suites)  # before anything is written
     with RunLock(root, "generate"):
-        store = ShardStore(root, resume_key(cfg, spec.sha), fresh=fresh)
-        return _generate(cfg, spec, root, store, prompt_set, prompts, progress)
+        store = ShardStore(root, resume_key(cfg, loaded.sha), fresh=fresh)
+        return _generate(cfg, loaded, root, store, prompt_set, table, progress)
 
 
 def _generate(
     cfg: Config,
     spec: Spec,
-    root: Path,
+    root: str,
     store: ShardStore,
     prompt_set: Any,
     prompts: pa.Table,
     progress: bool,
-) -> dict[str, Any]:
+) -> GenerateResult:
     g: GenerateConfig = cfg.generate  # type: ignore[assignment]
     started = time.time()
     warn_if_actors_cannot_fit(g)
@@ -548,19 +573,21 @@ def _generate(
             raise RuntimeError(f"{collector.pending} prompts did not receive all their rows")
     wall = time.time() - started
     stats = final_stats(store.totals(), bad, split_stats(run), wall)
-    (root / "stats.json").write_text(json.dumps(stats, indent=2, sort_keys=True))
+    storage.write_text(
+        storage.join(root, "stats.json"), json.dumps(stats, indent=2, sort_keys=True)
+    )
     write_card(root, card_info(cfg, spec), stats["total"])
-    return {
-        "output_dir": str(root),
-        "tuples": str(store.path("tuples")),
-        "samples": str(store.path("samples")),
-        "quarantine": str(store.path("quarantine")),
-        "stats_path": str(root / "stats.json"),
-        "stats": stats,
-        "teacher": g.teacher.engine.label,
-        "judge": Finisher.judge_label(g),
-        "resume_key": store.key,
-    }
+    return GenerateResult(
+        output_dir=root,
+        tuples=store.path("tuples"),
+        samples=store.path("samples"),
+        quarantine=store.path("quarantine"),
+        stats_path=storage.join(root, "stats.json"),
+        stats=stats,
+        teacher=g.teacher.engine.label,
+        judge=Finisher.judge_label(g),
+        resume_key=store.key,
+    )
 
 
 def resolve_engines(g: GenerateConfig) -> GenerateConfig:
@@ -653,9 +680,9 @@ def card_info(cfg: Config, spec: Spec) -> dict[str, Any]:
     }
 
 
-def summary(result: dict[str, Any]) -> str:
+def summary(result: GenerateResult) -> str:
     """The closing report: counts per reason, acceptance, throughput, where the files are."""
-    total, run = result["stats"]["total"], result["stats"]["this_run"]
+    total, run = result.stats["total"], result.stats["this_run"]
     lines = [
         f"generate: {total['prompts']} prompts done, {total['kept']} tuples "
         f"(acceptance {total['acceptance_rate']:.1%}), {total['judged']} samples judged",
@@ -667,5 +694,5 @@ def summary(result: dict[str, Any]) -> str:
     for group in ("quarantine", "rejected"):
         for reason, n in sorted(total[group].items()):
             lines.append(f"  {group:<10} {reason}: {n}")
-    lines.append(f"  output: {result['output_dir']}")
+    lines.append(f"  output: {result.output_dir}")
     return "\n".join(lines)

@@ -2,15 +2,15 @@
 
 Layout: `tuples/`, `samples/`, `quarantine/` hold `part-<shard>.parquet` files, and
 `_commits/<shard>.json` lists the prompt ids (and stats) of each shard. A shard counts only
-once its commit file exists; every file is written to a temp name and renamed, so a killed
-run leaves at most uncommitted parts, which the next run deletes before it redoes those
-prompts. A prompt is therefore written exactly once, however often the run is killed.
+once its commit file exists; every file is written atomically (a temp name and a rename
+locally, one PUT on an object store: `storage`), so a killed run leaves at most uncommitted
+parts, which the next run deletes before it redoes those prompts. A prompt is therefore
+written exactly once, however often the run is killed. The folder may be a URI (s3://...).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
 import uuid
 from collections import Counter
@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from deliberate_ray import storage
 from deliberate_ray.config import ConfigError
 from deliberate_ray.contracts import JUDGED, QUARANTINE, TUPLE
 
@@ -28,13 +28,11 @@ COMMITS = "_commits"
 PROMPTS_SHARD = "prompts"  # the prompt loader's quarantine, rewritten by every run
 
 
-def _atomic_write(path: Path, data: bytes | pa.Table) -> None:
-    tmp = path.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{path.name}")
+def _atomic_write(path: str, data: bytes | pa.Table) -> None:
     if isinstance(data, pa.Table):
-        pq.write_table(data, tmp)
+        storage.write_table(path, data)
     else:
-        tmp.write_bytes(data)
-    os.replace(tmp, path)
+        storage.write_bytes(path, data)
 
 
 class StaleOutput(ConfigError):
@@ -56,13 +54,13 @@ class ShardStore:
         fresh: bool = False,
         tables: dict[str, pa.Schema] | None = None,
     ):
-        self.root = Path(root)
+        self.root = storage.absolute(root)
         self.key = key
         self.tables = TABLES if tables is None else tables
         if fresh:
             self.clear()
         for name in [*self.tables, COMMITS]:
-            (self.root / name).mkdir(parents=True, exist_ok=True)
+            storage.makedirs(storage.join(self.root, name))
         self.commits = self._read_commits()
         other = sorted({c.get("key", "(none)") for c in self.commits.values()} - {key})
         if key and other:
@@ -81,41 +79,35 @@ class ShardStore:
 
     def _read_commits(self) -> dict[str, dict[str, Any]]:
         out = {}
-        for f in sorted((self.root / COMMITS).glob("*.json")):
-            out[f.stem] = json.loads(f.read_text())
+        for f in storage.glob(storage.join(self.root, COMMITS), "*.json"):
+            out[storage.name(f).removesuffix(".json")] = storage.read_json(f)
         return out
 
     def _remove_uncommitted(self) -> None:
         for name in self.tables:
-            for f in (self.root / name).iterdir():
-                shard = f.name.removeprefix("part-").removesuffix(".parquet")
-                if f.name.startswith(".tmp-") or (
-                    shard not in self.commits and shard != PROMPTS_SHARD
-                ):
-                    f.unlink()
+            for f in storage.listdir(storage.join(self.root, name)):
+                shard = f.removeprefix("part-").removesuffix(".parquet")
+                if f.startswith(".tmp-") or (shard not in self.commits and shard != PROMPTS_SHARD):
+                    storage.remove(storage.join(self.root, name, f))
 
     def clear(self) -> None:
         """Delete every shard, commit and stats file of a previous run."""
-        import shutil
-
-        for name in [*self.tables, COMMITS]:
-            shutil.rmtree(self.root / name, ignore_errors=True)
-        for name in ("stats.json", "README.md"):
-            (self.root / name).unlink(missing_ok=True)
+        for name in [*self.tables, COMMITS, "stats.json", "README.md"]:
+            storage.remove(storage.join(self.root, name))
 
     @property
     def done_ids(self) -> set[str]:
         return {i for c in self.commits.values() for i in c["ids"]}
 
-    def path(self, name: str) -> Path:
-        return self.root / name
+    def path(self, name: str) -> str:
+        return storage.join(self.root, name)
 
     def write_prompt_quarantine(self, table: pa.Table) -> None:
-        path = self.root / "quarantine" / f"part-{PROMPTS_SHARD}.parquet"
+        path = storage.join(self.root, "quarantine", f"part-{PROMPTS_SHARD}.parquet")
         if table.num_rows:
             _atomic_write(path, table)
         else:
-            path.unlink(missing_ok=True)
+            storage.remove(path)
 
     def commit(
         self, ids: list[str], tables: dict[str, list[dict[str, Any]]], stats: dict[str, Any]
@@ -126,9 +118,11 @@ class ShardStore:
         for name, schema in self.tables.items():
             if tables.get(name):  # no empty files: `datasets` cannot read a zero-row part
                 table = pa.Table.from_pylist(tables[name], schema=schema)
-                _atomic_write(self.root / name / f"part-{shard}.parquet", table)
+                _atomic_write(storage.join(self.root, name, f"part-{shard}.parquet"), table)
         record = {"shard": shard, "key": self.key, "ids": ids, "stats": stats}
-        _atomic_write(self.root / COMMITS / f"{shard}.json", json.dumps(record).encode())
+        _atomic_write(
+            storage.join(self.root, COMMITS, f"{shard}.json"), json.dumps(record).encode()
+        )
         self.commits[shard] = record
         return shard
 
@@ -183,7 +177,7 @@ ray.data.read_parquet("{root}/tuples")
 """
 
 
-def write_card(root: Path, info: dict[str, Any], stats: dict[str, Any]) -> None:
+def write_card(root: str | Path, info: dict[str, Any], stats: dict[str, Any]) -> None:
     reasons = Counter(stats.get("quarantine", {})) + Counter(stats.get("rejected", {}))
     lines = [f"- `{r}`: {n}" for r, n in sorted(reasons.items())] or ["- none"]
     text = CARD.format(
@@ -196,4 +190,4 @@ def write_card(root: Path, info: dict[str, Any], stats: dict[str, Any]) -> None:
         acceptance=stats.get("acceptance_rate", 0.0),
         reasons="\n".join(lines),
     )
-    _atomic_write(root / "README.md", text.encode())
+    _atomic_write(storage.join(root, "README.md"), text.encode())

@@ -20,19 +20,27 @@ import logging
 import re
 import time
 from collections import Counter
+from collections.abc import Sequence
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
-from deliberate_ray.config import Config, ConfigError, DocsConfig, SamplingConfig
+from deliberate_ray import storage
+from deliberate_ray.config import (
+    Config,
+    DocsConfig,
+    PromptsConfig,
+    SamplingConfig,
+    SpecConfig,
+)
 from deliberate_ray.contracts import MESSAGES, QUARANTINE, quarantine_row, stable_id
 from deliberate_ray.engines import apply_engine, resolve_engine
 from deliberate_ray.engines.rows import SAMPLING_PARAMS, sampling_params
 from deliberate_ray.generate.run import light_stage, row_seed
 from deliberate_ray.generate.store import ShardStore, _atomic_write
 from deliberate_ray.judge import expected_score
+from deliberate_ray.results import DocsResult
 from deliberate_ray.spec import CITATION, Spec, fold, load_spec
 
 log = logging.getLogger(__name__)
@@ -173,7 +181,7 @@ def doc_item(
     }
 
 
-def chat_items(cfg: Config, spec: Spec) -> list[dict[str, Any]]:
+def chat_items(cfg: Config, spec: Spec, eval_suites: Sequence[str] = ()) -> list[dict[str, Any]]:
     """`chat.prompts` benign (`comply`) prompts of the pool, evenly spaced."""
     from deliberate_ray.contracts import PROMPT
     from deliberate_ray.generate.run import _table, guard_eval_only
@@ -183,7 +191,7 @@ def chat_items(cfg: Config, spec: Spec) -> list[dict[str, Any]]:
     if n == 0:
         return []
     prompts = _table(load_prompts(cfg.prompts, spec.category_ids).prompts, PROMPT)
-    guard_eval_only(prompts, cfg)
+    guard_eval_only(prompts, cfg, eval_suites)
     benign = [r for r in prompts.to_pylist() if r["ideal_action"] == "comply"]
     if not benign:
         log.warning("docs: the prompt pool has no `comply` prompts; no chat rows written")
@@ -588,9 +596,10 @@ class Filter:
 # ------------------------------------------------------------------ the stage
 
 
-def output_dir(cfg: Config) -> Path:
+def output_dir(cfg: Config) -> str:
+    """The stage's folder: a local path (absolute) or a URI (s3://bucket/run/docs)."""
     d = cfg.docs or DocsConfig()
-    return Path(d.output_dir or Path(cfg.run_dir) / "docs")
+    return storage.absolute(d.output_dir or storage.join(cfg.run_dir, "docs"))
 
 
 def resume_key(cfg: Config, spec: Spec) -> str:
@@ -627,30 +636,37 @@ def resolve(d: DocsConfig) -> DocsConfig:
     )
 
 
-def run_docs(cfg: Config, progress: bool = True, fresh: bool = False) -> dict[str, Any]:
-    """Run (or resume) the docs stage; returns output paths and stats."""
+def run_docs(
+    section: DocsConfig,
+    run_dir: str,
+    *,
+    spec: SpecConfig,
+    prompts: PromptsConfig,
+    eval_suites: Sequence[str] = (),
+    progress: bool = True,
+    fresh: bool = False,
+) -> DocsResult:
+    """Run (or resume) the docs stage into `section.output_dir` (null: {run_dir}/docs) on the
+    run's spec (and, for chat rows, its prompt pool; `eval_suites` are refused there)."""
     from deliberate_ray.runlock import RunLock
 
-    if cfg.docs is None:
-        raise ConfigError("config", ["docs: missing section -> add one (see configs/matrix.yaml)"])
-    cfg = cfg.model_copy(update={"docs": resolve(cfg.docs)})
+    cfg = Config(run_dir=run_dir, spec=spec, prompts=prompts, docs=resolve(section))
     d: DocsConfig = cfg.docs  # type: ignore[assignment]
-    spec = load_spec(cfg.spec.path)
+    loaded = load_spec(spec.path)
     root = output_dir(cfg)
-    items = plan_documents(spec, d) + chat_items(cfg, spec)
+    items = plan_documents(loaded, d) + chat_items(cfg, loaded, eval_suites)
     tables = {documents_table(v): DOC for v in d.variants} | {
         "chat": CHAT,
         "quarantine": QUARANTINE,
     }
     with RunLock(root, "docs"):
-        store = ShardStore(root, resume_key(cfg, spec), fresh=fresh, tables=tables)
-        return _run(cfg, spec, root, store, items, progress)
+        store = ShardStore(root, resume_key(cfg, loaded), fresh=fresh, tables=tables)
+        return _run(cfg, loaded, root, store, items, progress)
 
 
 def _run(
-    cfg: Config, spec: Spec, root: Path, store: ShardStore, items: list[dict], progress: bool
-) -> dict[str, Any]:
-    import pyarrow.parquet as pq
+    cfg: Config, spec: Spec, root: str, store: ShardStore, items: list[dict], progress: bool
+) -> DocsResult:
     from tqdm import tqdm
 
     d: DocsConfig = cfg.docs  # type: ignore[assignment]
@@ -666,8 +682,8 @@ def _run(
     chat_writer = (d.engine if same_engine(d) else d.chat.engine).label
     filt = Filter(spec, d, d.engine.label, chat_writer)
     for v in d.variants:  # resume: earlier kept documents count for near duplicates
-        for f in sorted((root / documents_table(v)).glob("part-*.parquet")):
-            for text in pq.read_table(f, columns=["text"]).column("text").to_pylist():
+        for f in storage.glob(storage.join(root, documents_table(v)), "part-*.parquet"):
+            for text in storage.read_table(f, columns=["text"]).column("text").to_pylist():
                 filt.dups.add(text)
     run: Counter = Counter()
     if todo:
@@ -696,18 +712,19 @@ def _run(
             raise RuntimeError(f"docs: {len(missing)} items came back without a row")
     total = store.totals()
     stats = {"total": total, "this_run": nested(run) | {"wall_s": round(time.time() - started, 2)}}
-    (root / "stats.json").write_text(json.dumps(stats, indent=2, sort_keys=True))
+    storage.write_text(
+        storage.join(root, "stats.json"), json.dumps(stats, indent=2, sort_keys=True)
+    )
     write_card(root, cfg, spec, total)
-    result = {
-        "output_dir": str(root),
-        "documents": {v: str(store.path(documents_table(v))) for v in d.variants},
-        "chat": str(store.path("chat")),
-        "quarantine": str(store.path("quarantine")),
-        "stats": stats,
-        "writer": d.engine.label,
-        "resume_key": store.key,
-    }
-    return result
+    return DocsResult(
+        output_dir=root,
+        documents={v: store.path(documents_table(v)) for v in d.variants},
+        chat=store.path("chat"),
+        quarantine=store.path("quarantine"),
+        stats=stats,
+        writer=d.engine.label,
+        resume_key=store.key,
+    )
 
 
 def nested(flat: Counter) -> dict[str, Any]:
@@ -719,7 +736,7 @@ def nested(flat: Counter) -> dict[str, Any]:
 # ------------------------------------------------------------------ card
 
 
-def write_card(root: Path, cfg: Config, spec: Spec, total: dict[str, Any]) -> None:
+def write_card(root: str, cfg: Config, spec: Spec, total: dict[str, Any]) -> None:
     """README.md of the corpus: provenance, counts per policy x variant and per type, and
     every rejection reason."""
     d: DocsConfig = cfg.docs  # type: ignore[assignment]
@@ -782,17 +799,17 @@ def write_card(root: Path, cfg: Config, spec: Spec, total: dict[str, Any]) -> No
         "- `quarantine/`: every dropped row and why; `stats.json`: the counts",
         "",
     ]
-    _atomic_write(root / "README.md", "\n".join(lines).encode())
+    _atomic_write(storage.join(root, "README.md"), "\n".join(lines).encode())
 
 
-def summary(result: dict[str, Any]) -> str:
-    total = result["stats"]["total"]
+def summary(result: DocsResult) -> str:
+    total = result.stats["total"]
     lines = [
         f"docs: {total.get('kept', 0)} of {total.get('planned', 0)} documents kept; "
         f"{total.get('chat_kept', 0)} chat rows; "
-        f"this run {result['stats']['this_run']['wall_s']:.0f} s",
+        f"this run {result.stats['this_run']['wall_s']:.0f} s",
     ]
     for reason, n in sorted(total.get("rejected", {}).items()):
         lines.append(f"  rejected {reason}: {n}")
-    lines.append(f"  output: {result['output_dir']} (card: README.md)")
+    lines.append(f"  output: {result.output_dir} (card: README.md)")
     return "\n".join(lines)

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from pathlib import Path
+from os import PathLike
 from typing import Any
 
 import pyarrow as pa
 
+from deliberate_ray import storage
 from deliberate_ray.config import LLMJudgeConfig, RLRewardConfig
 from deliberate_ray.contracts import MESSAGES
 from deliberate_ray.engines.rows import SAMPLING_PARAMS
@@ -31,6 +32,7 @@ from deliberate_ray.judge import (
     SCORE_PREFILL,
     conversation_text,
     expected_score,
+    judge_chat,
     judge_messages,
     parse_judgement,
 )
@@ -186,21 +188,14 @@ def judge_request_messages(
         return judge_messages(spec, variant, sample, llm, run)
     category = rollout["category"]
     task = ANSWER_INSTRUCTIONS_DIGIT if llm.scoring == "logprobs" else ANSWER_INSTRUCTIONS
-    system = spec.render(category, variant).strip() + "\n\n" + task
     user = answer_request(
         conversation_text(rollout["prompt_messages"]),
         rollout["answer"],
         rollout.get("ideal_action"),
         llm,
     )
-    messages = [
-        {"role": "system", "content": system},
-        *answer_examples(spec, category, llm, run),
-        {"role": "user", "content": user},
-    ]
-    if llm.prefill:
-        messages.append({"role": "assistant", "content": SCORE_PREFILL})
-    return messages
+    examples = answer_examples(spec, category, llm, run)
+    return judge_chat(spec, variant, category, task, examples, user, llm)
 
 
 def judge_requests(
@@ -238,17 +233,17 @@ def read_score(row: dict[str, Any], llm: LLMJudgeConfig) -> float | None:
 
 
 def run_judge(
-    requests: pa.Table, cfg: RLRewardConfig, record: Path | None = None
+    requests: pa.Table, cfg: RLRewardConfig, record: str | PathLike | None = None
 ) -> tuple[dict[str, float], int, int]:
     """Send the requests through the judge engine: ({rollout_id: min score / 10}, runs
-    without a score, judge tokens in + out). `record` keeps the exact table sent."""
-    import pyarrow.parquet as pq
+    without a score, judge tokens in + out). `record` (a local path or a URI) keeps the exact
+    table sent."""
     import ray.data
 
     from deliberate_ray.engines import apply_engine
 
     if record is not None:
-        pq.write_table(requests, record)
+        storage.write_table(record, requests)
     if requests.num_rows == 0:
         return {}, 0, 0
     ds = apply_engine(ray.data.from_arrow(requests), cfg.judge.engine, ["rollout_id"])
@@ -279,7 +274,7 @@ def score_rollouts(
     variant: Variant,
     cfg: RLRewardConfig,
     reward_fn: RewardFn | None = None,
-    record: Path | None = None,
+    record: str | PathLike | None = None,
 ) -> dict[str, Any]:
     """Add `reward` and each component (`r_action`, `r_format`, `r_judge`, `r_custom`; None
     where not measured) to every rollout (which carries `cot` and `answer` already); returns

@@ -15,22 +15,35 @@ the judge engine got, update.json, times.json, metrics.json), Ray Train's checkp
 `update_NNNN/`, `export/` (the latest policy), `metrics.jsonl` (one row per iteration),
 `final.json` (held-in rates of the final policy), `report.md` and `reward_curve.png`. A
 rerun continues after the last finished iteration (an iteration's finished parts are reused).
+The run folder may be a URI (s3://, gs://): every file above then lives in the bucket, and
+the export the next iteration samples with is read back through `resolve_model` (a cached
+local copy).
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
-from deliberate_ray.config import Config, ConfigError, RLConfig, override
+from deliberate_ray import storage
+from deliberate_ray.config import (
+    Config,
+    ConfigError,
+    PromptsConfig,
+    RLConfig,
+    SpecConfig,
+    override,
+)
+from deliberate_ray.results import RLResult
 from deliberate_ray.rl.grpo import group_advantages
 from deliberate_ray.rl.reward import COMPONENTS, RewardFn, score_rollouts
 from deliberate_ray.rl.rollout import (
@@ -50,20 +63,18 @@ THROUGHPUT = {"batch_size", "concurrency", "num_cpus", "kv_cache_gib", "cpu_core
 EXPORT_MARK = "rl_iteration.json"
 
 
-def rl_section(cfg: Config, **overrides: Any) -> RLConfig:
-    if cfg.rl is None:
-        raise ConfigError(
-            "config", ["rl: missing section -> add an `rl:` mapping (see configs/rl.yaml)"]
-        )
-    return override(cfg.rl, "rl", **overrides)
+def init_ref(cfg: Config, rl: RLConfig) -> str:
+    """The reference of the model RL starts from: rl.init_model, else the arm's SFT export."""
+    return rl.init_model or storage.join(cfg.run_dir, "train", rl.arm, "export")
 
 
 def resolve_init(cfg: Config, rl: RLConfig) -> str:
-    """The model RL starts from: rl.init_model, else the arm's SFT export."""
+    """The model RL starts from (a local folder, or a local copy of a URI's), resolved."""
     from deliberate_ray.models import ModelRefError, resolve_model
 
-    ref = rl.init_model or str(Path(cfg.run_dir) / "train" / rl.arm / "export")
-    if rl.init_model is None and not Path(ref).is_dir():
+    ref = init_ref(cfg, rl)
+    there = exists(ref) if storage.is_remote(ref) else Path(ref).is_dir()
+    if rl.init_model is None and not there:
         raise ConfigError(
             "rl.init_model",
             [f"null, and {ref} does not exist -> train the arm first or set rl.init_model"],
@@ -94,10 +105,10 @@ def run_key(rl: RLConfig, init: str, spec_sha: str, variant: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def check_key(out_dir: Path, key: str) -> None:
-    path = out_dir / "run.json"
-    if path.exists():
-        old = json.loads(path.read_text()).get("key")
+def check_key(out_dir: str, key: str) -> None:
+    path = storage.join(out_dir, "run.json")
+    if exists(path):
+        old = json.loads(storage.read_text(path)).get("key")
         if old != key:
             raise ConfigError(
                 f"rl run {out_dir}",
@@ -106,11 +117,13 @@ def check_key(out_dir: Path, key: str) -> None:
                     f"{key}) -> use another rl.output_dir or arm, or delete the folder"
                 ],
             )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"key": key}))
+    storage.makedirs(out_dir)
+    storage.write_text(path, json.dumps({"key": key}))
 
 
-def load_pool(cfg: Config, rl: RLConfig, categories: list[str]) -> list[dict[str, Any]]:
+def load_pool(
+    cfg: Config, rl: RLConfig, categories: list[str], eval_suites: Sequence[str] = ()
+) -> list[dict[str, Any]]:
     from deliberate_ray.contracts import PROMPT
     from deliberate_ray.generate.run import _table, guard_eval_only
     from deliberate_ray.prompts import load_prompts
@@ -119,7 +132,7 @@ def load_pool(cfg: Config, rl: RLConfig, categories: list[str]) -> list[dict[str
     table = _table(load_prompts(pcfg, categories).prompts, PROMPT)
     if table.num_rows == 0:
         raise ConfigError("rl.prompts", [f"no valid prompts in {pcfg.sources}"])
-    guard_eval_only(table, cfg)
+    guard_eval_only(table, cfg, eval_suites)
     return table.to_pylist()
 
 
@@ -142,6 +155,27 @@ def to_table(rows: list[dict[str, Any]]) -> pa.Table:
     return pa.Table.from_pylist([{k: r.get(k) for k in names} for r in rows])
 
 
+def exists(path: str) -> bool:
+    """`storage.exists`, never answered from s3fs's listing cache: Ray's workers write into
+    the run folder (checkpoints, update.json, the export) from other processes, and a cached
+    listing of the parent folder would not show what they wrote."""
+    if storage.is_remote(path):
+        fs, p = storage.filesystem(path)
+        fs.invalidate_cache(p)
+    return storage.exists(path)
+
+
+def iteration_metrics(out_dir: str) -> list[str]:
+    """`iter_*/metrics.json` of a run folder (local or a URI), in iteration order."""
+    if not storage.is_remote(out_dir):
+        return [str(p) for p in sorted(Path(out_dir).glob("iter_*/metrics.json"))]
+    fs, path = storage.filesystem(out_dir)
+    fs.invalidate_cache()
+    found = fs.glob(f"{path.rstrip('/')}/iter_*/metrics.json")
+    fs.invalidate_cache()  # leave no listing behind that later writes by workers would outdate
+    return sorted(storage.join(out_dir, *p[len(path.rstrip("/")) + 1 :].split("/")) for p in found)
+
+
 def mean(values: list[float | None]) -> float | None:
     present = [v for v in values if v is not None]
     return sum(present) / len(present) if present else None
@@ -155,24 +189,29 @@ class RLRun:
         cfg: Config,
         rl: RLConfig,
         init: str,
-        out_dir: Path,
+        out_dir: str,
         reward_fn: RewardFn | None,
+        eval_suites: Sequence[str] = (),
     ):
         from deliberate_ray.spec import load_spec
 
         self.cfg, self.rl, self.init, self.out = cfg, rl, init, out_dir
         self.reward_fn = reward_fn
         self.spec = load_spec(cfg.spec.path)
-        self.pool = load_pool(cfg, rl, self.spec.category_ids)
+        self.pool = load_pool(cfg, rl, self.spec.category_ids, eval_suites)
         self.by_id = {p["id"]: p for p in self.pool}
         self.heldin = heldin_set(self.pool, rl.heldin_prompts)
         self.tcfg = update_config(rl, init)
 
-    def iter_dir(self, i: int) -> Path:
-        return self.out / f"iter_{i:04d}"
+    def path(self, *parts: str) -> str:
+        """A file or folder of the run (a local path or a URI)."""
+        return storage.join(self.out, *parts)
+
+    def iter_dir(self, i: int) -> str:
+        return self.path(f"iter_{i:04d}")
 
     def done(self, i: int) -> bool:
-        return (self.iter_dir(i) / "metrics.json").exists()
+        return exists(storage.join(self.iter_dir(i), "metrics.json"))
 
     # ---------------------------------------------------------- weights
 
@@ -180,8 +219,11 @@ class RLRun:
         """Weight sync, CPU path: the checkpoint as an HF folder the next engine loads."""
         from deliberate_ray.train.run import export_on_worker
 
-        info = export_on_worker(checkpoint, self.tcfg, self.out / "export")
-        (Path(info["export_dir"]) / EXPORT_MARK).write_text(json.dumps({"iteration": i}))
+        info = export_on_worker(checkpoint, self.tcfg, self.path("export"))
+        # Written after the whole export: the mark says which iteration's weights it holds.
+        storage.write_text(
+            storage.join(info["export_dir"], EXPORT_MARK), json.dumps({"iteration": i})
+        )
         return info["export_dir"]
 
     def policy_for(self, i: int) -> str:
@@ -189,26 +231,27 @@ class RLRun:
         again from the previous update's checkpoint if a run died before exporting it)."""
         if i == 1:
             return self.init
-        export = self.out / "export"
-        mark = export / EXPORT_MARK
-        if mark.exists() and json.loads(mark.read_text())["iteration"] == i - 1:
-            return str(export)
+        export = self.path("export")
+        mark = storage.join(export, EXPORT_MARK)
+        if exists(mark) and json.loads(storage.read_text(mark))["iteration"] == i - 1:
+            return export  # a URI is read through resolve_model (a cached local copy)
         import ray.train
 
-        ckpt = self.out / checkpoint_name(i - 1)
-        if not ckpt.exists():
+        ckpt = self.path(checkpoint_name(i - 1))
+        if not exists(ckpt):
             raise RuntimeError(f"iteration {i}: no export and no checkpoint {ckpt} to make one")
         log.info("rl: exporting %s again (the run stopped before exporting it)", ckpt)
-        return self.export(ray.train.Checkpoint(path=str(ckpt)), i - 1)
+        return self.export(ray.train.Checkpoint(path=ckpt), i - 1)
 
     # ---------------------------------------------------------- one iteration
 
     def rollouts(self, i: int, policy: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """Iteration i's rollouts with rewards and advantages (reused if already written)."""
         d = self.iter_dir(i)
-        path = d / "rollouts.parquet"
-        if path.exists():
-            return pq.read_table(path).to_pylist(), json.loads((d / "reward.json").read_text())
+        path = storage.join(d, "rollouts.parquet")
+        if exists(path):
+            reward = json.loads(storage.read_text(storage.join(d, "reward.json")))
+            return storage.read_table(path).to_pylist(), reward
         rl = self.rl
         prompts = select_prompts(self.pool, i, rl.prompts_per_iteration, rl.seed)
         log.info(
@@ -225,14 +268,14 @@ class RLRun:
         rollout_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         train = [r for r in rows if r["kind"] == "train"]
-        d.mkdir(parents=True, exist_ok=True)
+        storage.makedirs(d)
         judge = score_rollouts(
             train,
             self.spec,
             self.cfg.spec.variant,
             rl.reward,
             self.reward_fn,
-            record=d / "judge_requests.parquet",
+            record=storage.join(d, "judge_requests.parquet"),
         )
         flat = add_advantages(train, rl.group_size, rl.advantage_std)
         reward_s = time.perf_counter() - t0
@@ -246,10 +289,9 @@ class RLRun:
             ),
             "groups_without_signal": flat,
         }
-        (d / "reward.json").write_text(json.dumps(info, indent=2))
-        tmp = d / "rollouts.parquet.tmp"  # the file that marks the phase done: written whole
-        pq.write_table(to_table(rows), tmp)
-        tmp.replace(path)
+        storage.write_text(storage.join(d, "reward.json"), json.dumps(info, indent=2))
+        # The file that marks the phase done: written whole (temp + rename, or one upload).
+        storage.write_table(path, to_table(rows))
         return rows, info
 
     def update(self, i: int, policy: str, train: list[dict[str, Any]]) -> tuple[Any, dict]:
@@ -257,14 +299,15 @@ class RLRun:
         import ray.train
 
         d = self.iter_dir(i)
-        ckpt = self.out / checkpoint_name(i)
-        if (d / "update.json").exists() and ckpt.exists():
+        update_json = storage.join(d, "update.json")
+        ckpt = self.path(checkpoint_name(i))
+        if exists(update_json) and exists(ckpt):
             log.info("rl iteration %d: update done earlier (%s)", i, ckpt)
-            return ray.train.Checkpoint(path=str(ckpt)), json.loads((d / "update.json").read_text())
+            return ray.train.Checkpoint(path=ckpt), json.loads(storage.read_text(update_json))
         result = fit_update(self.rl, self.tcfg, train_rows(train, policy), i, self.out, d)
         if result.checkpoint is None:
             raise RuntimeError(f"rl iteration {i}: the update wrote no checkpoint")
-        return result.checkpoint, json.loads((d / "update.json").read_text())
+        return result.checkpoint, json.loads(storage.read_text(update_json))
 
     def iteration(self, i: int) -> dict[str, Any]:
         started = time.perf_counter()
@@ -313,27 +356,25 @@ class RLRun:
             },
             "time": time.time(),
         }
-        (self.iter_dir(i) / "metrics.json").write_text(json.dumps(row, indent=2))
+        metrics_json = storage.join(self.iter_dir(i), "metrics.json")
+        storage.write_text(metrics_json, json.dumps(row, indent=2))
         return row
 
     # ---------------------------------------------------------- the loop
 
     def metrics(self) -> list[dict[str, Any]]:
-        rows = []
-        for d in sorted(self.out.glob("iter_*")):
-            if (d / "metrics.json").exists():
-                rows.append(json.loads((d / "metrics.json").read_text()))
-        tmp = self.out / "metrics.jsonl.tmp"
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        tmp.replace(self.out / "metrics.jsonl")
+        rows = [json.loads(storage.read_text(p)) for p in iteration_metrics(self.out)]
+        storage.write_text(self.path("metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
         return rows
 
     def final_heldin(self) -> dict[str, Any] | None:
         """Held-in refusal rates of the final policy (once all iterations are done)."""
         n = self.rl.iterations
-        path = self.out / "final.json"
-        if path.exists() and json.loads(path.read_text()).get("iteration") == n:
-            return json.loads(path.read_text())
+        path = self.path("final.json")
+        if exists(path):
+            doc = json.loads(storage.read_text(path))
+            if doc.get("iteration") == n:
+                return doc
         if not self.heldin:
             return None
         policy = self.policy_for(n + 1)
@@ -346,11 +387,11 @@ class RLRun:
             "heldin": heldin_rates(rows, self.rl.heldin_grader),
             "wall_s": round(time.perf_counter() - t0, 2),
         }
-        pq.write_table(to_table(rows), self.out / "final_heldin.parquet")
-        path.write_text(json.dumps(doc, indent=2))
+        storage.write_table(self.path("final_heldin.parquet"), to_table(rows))
+        storage.write_text(path, json.dumps(doc, indent=2))
         return doc
 
-    def run(self, stop_after: int | None) -> dict[str, Any]:
+    def run(self, stop_after: int | None) -> RLResult:
         last = min(self.rl.iterations, stop_after or self.rl.iterations)
         for i in range(1, last + 1):
             if self.done(i):
@@ -380,33 +421,39 @@ class RLRun:
         finished = len(rows) == self.rl.iterations and all(self.done(i) for i in range(1, last + 1))
         final = self.final_heldin() if finished else None
         report = write_rl_report(self.out, self.rl, self.init, rows, final)
-        return {
-            "arm": self.rl.arm,
-            "run_dir": str(self.out),
-            "init_model": self.init,
-            "iterations_done": len(rows),
-            "iterations": self.rl.iterations,
-            "finished": finished,
-            "export_dir": str(self.out / "export") if rows else None,
-            "metrics_path": str(self.out / "metrics.jsonl"),
-            "reward_curve": [r["reward_mean"] for r in rows],
-            "heldin_before": rows[0]["heldin"] if rows else None,
-            "heldin_after": final["heldin"] if final else None,
-            "judge_sees_cot": self.rl.reward.judge_sees_cot,
-            "report": str(report),
-        }
+        return RLResult(
+            **{
+                "arm": self.rl.arm,
+                "run_dir": self.out,
+                "init_model": self.init,
+                "iterations_done": len(rows),
+                "iterations": self.rl.iterations,
+                "finished": finished,
+                "export_dir": self.path("export") if rows else None,
+                "metrics_path": self.path("metrics.jsonl"),
+                "reward_curve": [r["reward_mean"] for r in rows],
+                "heldin_before": rows[0]["heldin"] if rows else None,
+                "heldin_after": final["heldin"] if final else None,
+                "judge_sees_cot": self.rl.reward.judge_sees_cot,
+                "report": report,
+            }
+        )
 
 
 def run_rl(
-    cfg: Config,
+    section: RLConfig,
+    run_dir: str,
     *,
-    arm: str | None = None,
-    init_model: str | None = None,
+    spec: SpecConfig,
+    prompts: PromptsConfig,
+    eval_suites: Sequence[str] = (),
     stop_after: int | None = None,
     reward_fn: RewardFn | None = None,
-) -> dict[str, Any]:
-    """Run (or continue) RL on an arm's SFT model; returns the run's summary (run_dir,
-    export_dir, reward curve, held-in refusal rates before and after, report path).
+) -> RLResult:
+    """Run (or continue) RL on the arm `section.arm`'s SFT model (`section.init_model`, else
+    {run_dir}/train/<arm>/export) into `{section.output_dir or run_dir/rl}/<arm>`, on the run's
+    spec and prompt pool (unless `section.prompts`; `eval_suites` are refused as prompts).
+    Returns the run's summary: export, reward curve, held-in rates before/after, report.
 
     `stop_after` ends this call after that iteration (rerun to go on); `reward_fn` adds a
     programmatic `custom` reward component computed from each rollout row."""
@@ -416,7 +463,8 @@ def run_rl(
     from deliberate_ray.runlock import RunLock
     from deliberate_ray.spec import load_spec
 
-    rl = rl_section(cfg, arm=arm, init_model=init_model)
+    cfg = Config(run_dir=run_dir, spec=spec, prompts=prompts, rl=section)
+    rl = section
     w = rl.reward.weights
     if reward_fn is None and w.action + w.format + (w.judge if rl.reward.judge.enabled else 0) <= 0:
         raise ConfigError("rl.reward.weights", ["only `custom` is weighted, but no reward_fn"])
@@ -430,19 +478,26 @@ def run_rl(
             "reward": rl.reward.model_copy(update={"judge": judge}),
         }
     )
-    out_dir = (Path(rl.output_dir or Path(cfg.run_dir) / "rl") / rl.arm).resolve()
+    # A local folder or a URI (s3://, gs://): every file of the run, and Ray Train's update
+    # checkpoints, go there.
+    parent = storage.absolute(rl.output_dir or storage.join(cfg.run_dir, "rl"))
+    out_dir = storage.absolute(storage.join(parent, rl.arm))
     if not ray.is_initialized():
         ray.init()
     spec_sha = load_spec(cfg.spec.path).sha
     with RunLock(out_dir, "rl"):
-        check_key(out_dir, run_key(rl, init, spec_sha, cfg.spec.variant))
-        return RLRun(cfg, rl, init, out_dir, reward_fn).run(stop_after)
+        # A URI's local copy lives in this machine's cache: the key names the URI instead.
+        ref = init_ref(cfg, rl)
+        key = run_key(rl, ref if storage.is_remote(ref) else init, spec_sha, cfg.spec.variant)
+        check_key(out_dir, key)
+        return RLRun(cfg, rl, init, out_dir, reward_fn, eval_suites).run(stop_after)
 
 
 # ------------------------------------------------------------------ report
 
 
-def plot_rewards(rows: list[dict[str, Any]], path: Path) -> bool:
+def plot_rewards(rows: list[dict[str, Any]], path: str) -> bool:
+    """The reward curve as a PNG at `path` (a local file or a URI); False without rows."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -463,8 +518,10 @@ def plot_rewards(rows: list[dict[str, Any]], path: Path) -> bool:
     ax.set_xticks(x)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
+    storage.write_bytes(path, png.getvalue())
     return True
 
 
@@ -473,18 +530,18 @@ def _f(v: Any, digits: int = 3) -> str:
 
 
 def write_rl_report(
-    out_dir: Path,
+    out_dir: str,
     rl: RLConfig,
     init: str,
     rows: list[dict[str, Any]],
     final: dict[str, Any] | None,
-) -> Path:
+) -> str:
     from deliberate_ray.evals.report import table
 
     lines = [
         f"# RL report: `{rl.arm}`",
         "",
-        f"- start: `{init}`; policy now: `{out_dir / 'export'}`",
+        f"- start: `{init}`; policy now: `{storage.join(out_dir, 'export')}`",
         f"- {len(rows)} of {rl.iterations} iterations; {rl.prompts_per_iteration} prompts x "
         f"{rl.group_size} rollouts each; KL coefficient {rl.kl_coef}, clip {rl.clip_eps}, "
         f"lr {rl.lr}, LoRA {'on' if rl.lora.enabled else 'off'}, {rl.num_workers} worker(s)",
@@ -495,7 +552,7 @@ def write_rl_report(
         "## Reward per iteration",
         "",
     ]
-    if plot_rewards(rows, out_dir / "reward_curve.png"):
+    if plot_rewards(rows, storage.join(out_dir, "reward_curve.png")):
         lines += ["![reward curve](reward_curve.png)", ""]
     lines += table(
         [
@@ -552,25 +609,25 @@ def write_rl_report(
             if h
         ],
     )
-    path = out_dir / "report.md"
-    path.write_text("\n".join(lines), encoding="utf-8")
+    path = storage.join(out_dir, "report.md")
+    storage.write_text(path, "\n".join(lines))
     return path
 
 
-def summary_text(summary: dict[str, Any]) -> str:
+def summary_text(summary: RLResult) -> str:
     """What `deliberate-ray rl` prints at the end."""
-    curve = ", ".join(_f(v) for v in summary["reward_curve"])
+    curve = ", ".join(_f(v) for v in summary.reward_curve)
     lines = [
-        f"rl {summary['arm']}: {summary['iterations_done']} of {summary['iterations']} "
+        f"rl {summary.arm}: {summary.iterations_done} of {summary.iterations} "
         f"iterations; reward per iteration: {curve}",
     ]
     for name in ("heldin_before", "heldin_after"):
-        h = summary.get(name)
+        h = getattr(summary, name)
         if h:
             lines.append(
                 f"  held-in {name.split('_')[1]}: refusal should-refuse "
                 f"{_f(h['refusal_should_refuse'], 2)}, benign {_f(h['refusal_benign'], 2)}, "
                 f"no answer {_f(h['no_answer'], 2)}"
             )
-    lines += [f"  policy: {summary['export_dir']}", f"  report: {summary['report']}"]
+    lines += [f"  policy: {summary.export_dir}", f"  report: {summary.report}"]
     return "\n".join(lines)

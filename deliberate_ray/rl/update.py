@@ -15,19 +15,21 @@ import logging
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import asdict
+from os import PathLike
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from deliberate_ray import storage
 from deliberate_ray.config import RLConfig, TrainConfig
 from deliberate_ray.engines.select import cpu_dtype
 from deliberate_ray.rl.grpo import TokenStats, grpo_token_losses, kl_k3, token_logprobs
 from deliberate_ray.train.checkpoint import TrainState, load_checkpoint, write_checkpoint
-from deliberate_ray.train.loop import all_reduce_sum
+from deliberate_ray.train.loop import all_reduce_sum, autocast
 from deliberate_ray.train.parallelize import apply_fsdp, load_base_model, parallelize
 
 log = logging.getLogger(__name__)
@@ -93,13 +95,7 @@ def rl_update_loop(config: dict[str, Any]) -> None:
     bf16 = rl.bf16 and device.type == "cuda"
     cpu_bf16 = rl.bf16 and device.type == "cpu" and cpu_dtype() == "bfloat16"
     model = parallelize(model, tcfg, mesh, bf16).to(device)
-
-    def amp() -> AbstractContextManager:
-        if cpu_bf16:
-            return torch.autocast("cpu", dtype=torch.bfloat16)
-        return (
-            torch.autocast("cuda", dtype=torch.bfloat16) if bf16 and mesh is None else nullcontext()
-        )
+    amp = autocast(bf16, cpu_bf16, mesh)
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=rl.lr, weight_decay=0.0, betas=(0.9, 0.95))
@@ -191,8 +187,9 @@ def rl_update_loop(config: dict[str, Any]) -> None:
     }
     if rank == 0:
         log.info("update %d: %s", iteration, metrics)
-        Path(config["iter_dir"]).mkdir(parents=True, exist_ok=True)
-        (Path(config["iter_dir"]) / "update.json").write_text(json.dumps(metrics, indent=2))
+        # The iteration folder may be a URI: the workers write to the bucket themselves.
+        path = storage.join(config["iter_dir"], "update.json")
+        storage.write_text(path, json.dumps(metrics, indent=2))
     with tempfile.TemporaryDirectory() as tmp:
         write_checkpoint(tmp, model, optimizer, scheduler, state, rl.lora.enabled)
         ray.train.report(
@@ -220,11 +217,24 @@ def update_config(rl: RLConfig, init_model: str) -> TrainConfig:
     )
 
 
+def parent_of(path: str | PathLike) -> str:
+    """The folder holding `path`: a URI's parent stays a URI."""
+    if storage.is_remote(path):
+        return str(path).rstrip("/").rsplit("/", 1)[0]
+    return str(Path(path).parent)
+
+
 def fit_update(
-    rl: RLConfig, tcfg: TrainConfig, rows: Any, iteration: int, out_dir: Path, iter_dir: Path
+    rl: RLConfig,
+    tcfg: TrainConfig,
+    rows: Any,
+    iteration: int,
+    out_dir: str | PathLike,
+    iter_dir: str | PathLike,
 ) -> Any:
     """One Ray Train run of the update on `rows` (a pyarrow table); the run's name and
-    storage are the RL run folder, so each fit resumes from the previous checkpoint."""
+    storage are the RL run folder (a local folder or a URI), so each fit resumes from the
+    previous checkpoint."""
     import ray
     import ray.data
     import ray.train
@@ -249,8 +259,8 @@ def fit_update(
             resources_per_worker=rl.resources_per_worker or None,
         ),
         run_config=ray.train.RunConfig(
-            name=out_dir.name,
-            storage_path=str(out_dir.parent),
+            name=storage.name(out_dir),
+            storage_path=parent_of(out_dir),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=rl.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=0),
         ),

@@ -13,8 +13,9 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from deliberate_ray import storage
 from deliberate_ray.config import DEFAULT_KEY_ENV, ServeConfig
-from deliberate_ray.models import resolve_model
+from deliberate_ray.models import ModelRefError, resolve_model
 from deliberate_ray.serve.protocol import MODEL_NAME, key_digest
 
 log = logging.getLogger(__name__)
@@ -74,8 +75,12 @@ def build_app(models: dict[str, str], cfg: ServeConfig) -> Any:
     bad = [n for n in models if not MODEL_NAME.match(n)]
     if not models or bad:
         raise ValueError(f"model names must be 1-64 letters, digits, '.', '_' or '-'; got {bad}")
-    for ref in models.values():
-        resolve_model(ref)  # fail here, with the fix in the message, not in a replica
+    for name, ref in models.items():  # fail here, with the fix in the message, not in a replica
+        if storage.is_remote(ref):  # an export in a bucket: each replica downloads its own copy
+            if not storage.exists(storage.join(ref, "config.json")):
+                raise ModelRefError(f"model {name}: {ref} has no config.json (not a model folder)")
+        else:
+            resolve_model(ref)
     key = api_key_digest(cfg)
     if resolve_engine(cfg) == "vllm":
         from deliberate_ray.serve.vllm import build_vllm_app

@@ -50,12 +50,21 @@ def llm_config(name: str, ref: str, cfg: ServeConfig) -> Any:
     if cfg.reasoning_parser:
         engine_kwargs = {"reasoning_parser": cfg.reasoning_parser} | engine_kwargs
     return LLMConfig(
-        model_loading_config={"model_id": name, "model_source": resolve_model(ref)},
+        # a bucket URI is downloaded by each replica on its own node (ray.serve.llm's mirror)
+        model_loading_config={"model_id": name, "model_source": model_source(ref)},
         deployment_config=deployment,
         accelerator_type=cfg.accelerator_type,
         engine_kwargs=engine_kwargs,
         **extra,
     )
+
+
+def model_source(ref: str) -> str:
+    """A local folder or hub name resolved here; a remote export (s3://, gs://) as it is:
+    ray.serve.llm downloads it on the replica's node, which the driver's disk may not be."""
+    from deliberate_ray import storage
+
+    return ref if storage.is_remote(ref) else resolve_model(ref)
 
 
 def build_vllm_app(models: dict[str, str], cfg: ServeConfig, key_sha256: str | None) -> Any:

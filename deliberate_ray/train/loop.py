@@ -15,7 +15,6 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,6 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from deliberate_ray import storage
 from deliberate_ray.config import TrainConfig
 from deliberate_ray.engines.select import cpu_dtype
 from deliberate_ray.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
@@ -41,7 +41,7 @@ class Plan:
     steps_per_epoch: int
     total_steps: int  # the length of the LR schedule
     stop_at: int  # this run ends after this step (== total_steps unless stopped early)
-    out_dir: str
+    out_dir: str  # the run folder: a local path or a URI (s3://, gs://)
     checkpoints: bool = True  # False in local mode (num_workers=0): no Ray storage to write to
 
 
@@ -141,6 +141,17 @@ def train_step(
     )
 
 
+def autocast(bf16: bool, cpu_bf16: bool, mesh: Any) -> Callable[[], AbstractContextManager]:
+    """The forward pass's autocast context: bf16 on a CPU that computes it natively; bf16 on
+    a GPU for a whole model (under FSDP2 its MixedPrecisionPolicy casts instead); else none.
+    Shared by SFT and the RL update."""
+    if cpu_bf16:
+        return lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+    if bf16 and mesh is None:
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext
+
+
 def train_loop(config: dict[str, Any]) -> None:
     """Ray Train's `train_loop_per_worker`: config = {"train": TrainConfig dump, "plan": Plan}."""
     import ray.train
@@ -169,14 +180,7 @@ def train_loop(config: dict[str, Any]) -> None:
     if rank == 0 and device.type == "cpu":
         log.info("compute dtype on CPU: %s", "bf16 autocast" if cpu_bf16 else "fp32")
     model = parallelize(model, cfg, mesh, bf16).to(device).train()
-
-    def amp() -> AbstractContextManager:
-        # Under FSDP2 its MixedPrecisionPolicy casts on GPUs; a whole model needs autocast.
-        if cpu_bf16:
-            return torch.autocast("cpu", dtype=torch.bfloat16)
-        return (
-            torch.autocast("cuda", dtype=torch.bfloat16) if bf16 and mesh is None else nullcontext()
-        )
+    amp = autocast(bf16, cpu_bf16, mesh)
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
@@ -199,7 +203,7 @@ def train_loop(config: dict[str, Any]) -> None:
     )
     resumed_at = state.step  # 0 on a fresh start; else the checkpoint this attempt loaded
     metrics = MetricsLog(
-        Path(plan.out_dir) / "metrics.jsonl" if rank == 0 else None, resumed_at=resumed_at
+        storage.join(plan.out_dir, "metrics.jsonl") if rank == 0 else None, resumed_at=resumed_at
     )
     batches = micro_batches(ray.train.get_dataset_shard("train"), cfg, plan, state, device)
     while state.step < plan.stop_at:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
+from os import PathLike
 from typing import Any
+
+from deliberate_ray import storage
 
 log = logging.getLogger(__name__)
 
@@ -47,26 +49,24 @@ class MetricsLog:
     died before its next checkpoint; those steps run again, so their old rows are dropped
     and every step appears once in the file."""
 
-    def __init__(self, path: Path | None, resumed_at: int = 0):
-        self.path = path
-        if path is None:
+    def __init__(self, path: str | PathLike | None, resumed_at: int = 0):
+        # A local file or a URI (on an object store each write rewrites the object whole).
+        self.path = None if path is None else str(path)
+        if self.path is None:
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.exists():
-            lines = path.read_text(encoding="utf-8").splitlines()
+        path = self.path
+        if storage.exists(path):
+            lines = storage.read_text(path).splitlines()
             keep = [x for x in lines if x.strip() and json.loads(x)["step"] <= resumed_at]
             if len(keep) != len(lines):
                 dropped = len(lines) - len(keep)
                 log.info("metrics: dropping %d rows past step %d", dropped, resumed_at)
-                tmp = path.with_name(path.name + ".tmp")
-                tmp.write_text("".join(x + "\n" for x in keep), encoding="utf-8")
-                tmp.replace(path)
+                storage.write_text(path, "".join(x + "\n" for x in keep))  # atomic
 
     def write(self, row: dict[str, Any]) -> None:
         if self.path is None:
             return
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+        storage.append_text(self.path, json.dumps(row) + "\n")
         shown_mfu = "n/a" if row["mfu"] is None else f"{100 * row['mfu']:.1f}%"
         log.info(
             "step %d/%d  loss %.4f  lr %.2e  grad_norm %.3f  tok/s %.0f  mfu %s",

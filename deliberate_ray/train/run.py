@@ -10,11 +10,13 @@ import math
 import signal
 import threading
 from dataclasses import asdict
-from pathlib import Path
+from os import PathLike
 from typing import Any
 
+from deliberate_ray import storage
 from deliberate_ray.config import Config, ConfigError, TrainConfig, override
 from deliberate_ray.models import resolve_model
+from deliberate_ray.results import TrainResult
 from deliberate_ray.train.data import DataStats, TrainDataError, build_dataset
 from deliberate_ray.train.export import export_hf
 from deliberate_ray.train.loop import Plan, train_loop
@@ -29,7 +31,9 @@ def train_config(cfg: Config, **overrides: Any) -> TrainConfig:
     return override(cfg.train, "train", **overrides)
 
 
-def plan_steps(cfg: TrainConfig, stats: DataStats, out_dir: Path, stop_after: int | None) -> Plan:
+def plan_steps(
+    cfg: TrainConfig, stats: DataStats, out_dir: str | PathLike, stop_after: int | None
+) -> Plan:
     world = max(1, cfg.num_workers)
     rows_per_step = world * cfg.micro_batch_size * cfg.grad_accum
     steps_per_epoch = stats.rows // rows_per_step
@@ -49,32 +53,29 @@ def plan_steps(cfg: TrainConfig, stats: DataStats, out_dir: Path, stop_after: in
     )
 
 
-def run_train(
-    cfg: Config,
-    *,
-    variant: str | None = None,
-    name: str | None = None,
-    data: list[str] | None = None,
-    output_dir: str | None = None,
-    model: str | None = None,
-    stop_after: int | None = None,
-) -> dict[str, Any]:
-    """Train (resuming the run of the same name if it has checkpoints) and export.
+def run_train(section: TrainConfig, run_dir: str, *, stop_after: int | None = None) -> TrainResult:
+    """Train `section.model` on `section.data` (resuming the run of the same `name` if it has
+    checkpoints) and export, in `{section.output_dir or run_dir/train}/{name}`.
 
     `stop_after` ends this run after that many optimizer steps, with a checkpoint there;
-    rerunning continues (how a job with a fixed time slot trains in pieces).
-    Returns export_dir, final_loss, metrics_path, checkpoint_path, steps and the data stats.
+    rerunning continues (how a job with a fixed time slot trains in pieces). The pipeline
+    trains several arms from one section by overriding `variant`, `name`, `data`, `model`.
     """
     import ray
     import ray.train
     from ray.data import ExecutionOptions
     from ray.train.torch import TorchTrainer
 
-    tcfg = train_config(
-        cfg, variant=variant, name=name, data=data, output_dir=output_dir, model=model
-    )
-    parent = Path(tcfg.output_dir or Path(cfg.run_dir) / "train").resolve()
-    out_dir = parent / tcfg.name
+    tcfg = section
+    if not tcfg.data:
+        raise ConfigError(
+            "train.data", ["no training files -> give `data:` (or run generate first)"]
+        )
+    # A local folder or a URI (s3://, gs://): Ray Train's storage, the metrics and the export
+    # all go there, and a rerun resumes from the checkpoints found there.
+    parent = storage.absolute(tcfg.output_dir or storage.join(run_dir, "train"))
+    out_dir = storage.join(parent, tcfg.name)
+    storage_root = tcfg.storage_path or parent
     tcfg = tcfg.model_copy(update={"model": resolve_model(tcfg.model)})
     if not ray.is_initialized():
         ray.init()
@@ -99,7 +100,7 @@ def run_train(
         ),
         run_config=ray.train.RunConfig(
             name=tcfg.name,
-            storage_path=tcfg.storage_path or str(parent),
+            storage_path=storage_root,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tcfg.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=tcfg.max_failures),
         ),
@@ -111,30 +112,41 @@ def run_train(
         ),
     )
     result = fit_and_release(trainer)
-    summary: dict[str, Any] = {
-        "name": tcfg.name,
-        "variant": tcfg.variant,
-        "run_dir": str(out_dir),
-        "metrics_path": str(out_dir / "metrics.jsonl"),
-        "final_loss": (result.metrics or {}).get("loss"),
-        "steps": (result.metrics or {}).get("step"),
-        "data": asdict(stats),
-        "checkpoint_path": None,
-        "export_dir": None,
-    }
+    summary = TrainResult(
+        name=tcfg.name,
+        variant=tcfg.variant,
+        run_dir=out_dir,
+        metrics_path=storage.join(out_dir, "metrics.jsonl"),
+        final_loss=(result.metrics or {}).get("loss"),
+        steps=(result.metrics or {}).get("step"),
+        data=asdict(stats),
+    )
     if result.checkpoint is None:
         log.warning("no checkpoint to export (num_workers=0 runs without Ray Train storage)")
         return summary
-    summary["checkpoint_path"] = result.checkpoint.path
-    summary.update(export_on_worker(result.checkpoint, tcfg, out_dir / "export"))
-    return summary
+    exported = export_on_worker(result.checkpoint, tcfg, storage.join(out_dir, "export"))
+    return summary.model_copy(
+        update={"checkpoint_path": checkpoint_uri(result.checkpoint, storage_root), **exported}
+    )
 
 
-def export_on_worker(checkpoint: Any, tcfg: TrainConfig, out_dir: Path) -> dict[str, Any]:
+def checkpoint_uri(checkpoint: Any, storage_root: str) -> str:
+    """Where a Ray Train checkpoint is, as a path or URI the storage functions (and
+    `ray.train.Checkpoint(path=...)`) take: Ray keeps a remote one as a path inside its pyarrow
+    filesystem, without the scheme (`bucket/run/step_000003`)."""
+    path = str(checkpoint.path)
+    if not storage.is_remote(storage_root) or storage.is_remote(path):
+        return path
+    scheme = str(storage_root).split("://", 1)[0]
+    return f"{scheme}://{path.lstrip('/')}"
+
+
+def export_on_worker(checkpoint: Any, tcfg: TrainConfig, out_dir: str) -> dict[str, Any]:
     """The HF export as a Ray task on a worker like the training's (a GPU node when training
     used GPUs), not in the driver: it loads the base model in its own dtype and reads only
     the model's shards of the checkpoint. `out_dir` must be on storage the driver and the
-    Serve replicas see (the cluster configs put run_dir on shared storage)."""
+    Serve replicas see: shared storage (the cluster configs put run_dir there) or a URI
+    (s3://, gs://), which the worker uploads the export to."""
     import ray
 
     def export(ckpt: Any) -> dict[str, Any]:
