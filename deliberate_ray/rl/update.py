@@ -237,36 +237,24 @@ def fit_update(
     previous checkpoint."""
     import ray
     import ray.data
-    import ray.train
-    from ray.data import ExecutionOptions
-    from ray.train.torch import TorchTrainer
 
-    from deliberate_ray.train.run import fit_and_release
+    from deliberate_ray.train.run import fit_and_release, torch_trainer
 
     if not ray.is_initialized():
         ray.init()
-    trainer = TorchTrainer(
+    trainer = torch_trainer(
         rl_update_loop,
-        train_loop_config={
+        {
             "rl": rl.model_dump(),
             "train": tcfg.model_dump(),
             "iteration": iteration,
             "iter_dir": str(iter_dir),
         },
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=rl.num_workers,
-            use_gpu=rl.use_gpu,
-            resources_per_worker=rl.resources_per_worker or None,
-        ),
-        run_config=ray.train.RunConfig(
-            name=storage.name(out_dir),
-            storage_path=parent_of(out_dir),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=rl.keep_checkpoints),
-            failure_config=ray.train.FailureConfig(max_failures=0),
-        ),
-        datasets={"train": ray.data.from_arrow(rows)},
-        dataset_config=ray.train.DataConfig(
-            execution_options=ExecutionOptions(preserve_order=True)
-        ),
+        ray.data.from_arrow(rows),
+        name=storage.name(out_dir),
+        storage_path=parent_of(out_dir),
+        workers=(rl.num_workers, rl.use_gpu, rl.resources_per_worker),
+        keep_checkpoints=rl.keep_checkpoints,
+        max_failures=0,
     )
     return fit_and_release(trainer)

@@ -63,8 +63,6 @@ def run_train(section: TrainConfig, run_dir: str, *, stop_after: int | None = No
     """
     import ray
     import ray.train
-    from ray.data import ExecutionOptions
-    from ray.train.torch import TorchTrainer
 
     tcfg = section
     if not tcfg.data:
@@ -90,26 +88,15 @@ def run_train(section: TrainConfig, run_dir: str, *, stop_after: int | None = No
         plan.steps_per_epoch,
         out_dir,
     )
-    trainer = TorchTrainer(
+    trainer = torch_trainer(
         train_loop,
-        train_loop_config={"train": tcfg.model_dump(), "plan": asdict(plan)},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=tcfg.num_workers,
-            use_gpu=tcfg.use_gpu,
-            resources_per_worker=tcfg.resources_per_worker or None,
-        ),
-        run_config=ray.train.RunConfig(
-            name=tcfg.name,
-            storage_path=storage_root,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tcfg.keep_checkpoints),
-            failure_config=ray.train.FailureConfig(max_failures=tcfg.max_failures),
-        ),
-        datasets={"train": dataset},
-        # Ordered shards: each worker gets the same rows on every run, so resuming at a
-        # micro-batch count resumes at the same data.
-        dataset_config=ray.train.DataConfig(
-            execution_options=ExecutionOptions(preserve_order=True)
-        ),
+        {"train": tcfg.model_dump(), "plan": asdict(plan)},
+        dataset,
+        name=tcfg.name,
+        storage_path=storage_root,
+        workers=(tcfg.num_workers, tcfg.use_gpu, tcfg.resources_per_worker),
+        keep_checkpoints=tcfg.keep_checkpoints,
+        max_failures=tcfg.max_failures,
     )
     result = fit_and_release(trainer)
     summary = TrainResult(
@@ -139,6 +126,46 @@ def checkpoint_uri(checkpoint: Any, storage_root: str) -> str:
         return path
     scheme = str(storage_root).split("://", 1)[0]
     return f"{scheme}://{path.lstrip('/')}"
+
+
+def torch_trainer(
+    loop: Any,
+    loop_config: dict[str, Any],
+    dataset: Any,
+    *,
+    name: str,
+    storage_path: str,
+    workers: tuple[int, bool, dict[str, float] | None],
+    keep_checkpoints: int | None,
+    max_failures: int,
+) -> Any:
+    """A TorchTrainer as SFT and the RL update run it: `workers` = (number, use_gpu,
+    resources per worker); checkpoints under `{storage_path}/{name}` (a folder or a URI),
+    the latest `keep_checkpoints` kept; the dataset's shards in a fixed order, so each worker
+    gets the same rows on every run and resuming at a micro-batch count resumes at the same
+    data."""
+    import ray.train
+    from ray.data import ExecutionOptions
+    from ray.train.torch import TorchTrainer
+
+    num_workers, use_gpu, resources = workers
+    return TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources or None
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage_path,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+        ),
+        datasets={"train": dataset},
+        dataset_config=ray.train.DataConfig(
+            execution_options=ExecutionOptions(preserve_order=True)
+        ),
+    )
 
 
 def export_on_worker(checkpoint: Any, tcfg: TrainConfig, out_dir: str) -> dict[str, Any]:
