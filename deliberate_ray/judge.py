@@ -70,9 +70,12 @@ def conversation_text(messages: list[dict[str, str]]) -> str:
 
 
 def grading_request(
-    prompt: str, cot: str, answer: str, ideal_action: str | None, cfg: LLMJudgeConfig
+    prompt: str, cot: str | None, answer: str, ideal_action: str | None, cfg: LLMJudgeConfig
 ) -> str:
-    user = f"User request:\n{prompt}\n\nAssistant reasoning:\n{cot}\n\nAssistant answer:\n{answer}"
+    """The judge's user turn: the request, the reasoning (left out when `cot` is None: the
+    RL reward's judge sees the final answer only), the answer, and the ideal-action hint."""
+    reasoning = "" if cot is None else f"Assistant reasoning:\n{cot}\n\n"
+    user = f"User request:\n{prompt}\n\n{reasoning}Assistant answer:\n{answer}"
     if cfg.show_ideal_action and ideal_action:
         user += (
             f"\n\nHint (it may be wrong): the expected action is {ideal_action}. "

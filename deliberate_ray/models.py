@@ -126,9 +126,7 @@ def resolve_model(ref: str) -> str:
     from deliberate_ray import storage
 
     if storage.is_remote(ref):
-        fs, path = storage.filesystem(ref)
-        fs.invalidate_cache(path)  # another process may have written it since a listing
-        if not storage.exists(ref):
+        if not storage.exists(ref):  # never from a stale listing (storage.exists)
             raise ModelRefError(f"model path {ref!r} does not exist")
         local = Path(storage.local_copy(ref))
         if not (local / "config.json").exists():

@@ -74,6 +74,7 @@ def filesystem(path: PathLike) -> tuple[Any, str]:
 
 
 def exists(path: PathLike) -> bool:
+    """Whether `path` exists now (never answered from a cached listing of its folder)."""
     if not is_remote(path):
         return _local(path).exists()
     fs, p = filesystem(path)

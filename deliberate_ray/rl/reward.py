@@ -32,6 +32,7 @@ from deliberate_ray.judge import (
     SCORE_PREFILL,
     conversation_text,
     expected_score,
+    grading_request,
     judge_chat,
     judge_messages,
     parse_judgement,
@@ -131,17 +132,6 @@ ANSWER_INSTRUCTIONS_DIGIT = (
 )
 
 
-def answer_request(prompt: str, answer: str, ideal_action: str | None, cfg: LLMJudgeConfig) -> str:
-    """The judge's user turn without any reasoning: the request and the final answer."""
-    user = f"User request:\n{prompt}\n\nAssistant answer:\n{answer}"
-    if cfg.show_ideal_action and ideal_action:
-        user += (
-            f"\n\nHint (it may be wrong): the expected action is {ideal_action}. "
-            "Say whether you agree."
-        )
-    return user
-
-
 def answer_examples(
     spec: Spec, category: str, cfg: LLMJudgeConfig, run: int = 0
 ) -> list[dict[str, str]]:
@@ -163,7 +153,9 @@ def answer_examples(
         shown = shown[shift:] + shown[:shift]
     turns = []
     for e, answer, score, why in shown:
-        turns.append({"role": "user", "content": answer_request(e.prompt, answer, e.action, cfg)})
+        turns.append(
+            {"role": "user", "content": grading_request(e.prompt, None, answer, e.action, cfg)}
+        )
         turns.append(
             {"role": "assistant", "content": f"{SCORE_PREFILL} {score}\nJustification: {why}"}
         )
@@ -188,8 +180,9 @@ def judge_request_messages(
         return judge_messages(spec, variant, sample, llm, run)
     category = rollout["category"]
     task = ANSWER_INSTRUCTIONS_DIGIT if llm.scoring == "logprobs" else ANSWER_INSTRUCTIONS
-    user = answer_request(
+    user = grading_request(
         conversation_text(rollout["prompt_messages"]),
+        None,
         rollout["answer"],
         rollout.get("ideal_action"),
         llm,

@@ -73,7 +73,7 @@ def resolve_init(cfg: Config, rl: RLConfig) -> str:
     from deliberate_ray.models import ModelRefError, resolve_model
 
     ref = init_ref(cfg, rl)
-    there = exists(ref) if storage.is_remote(ref) else Path(ref).is_dir()
+    there = storage.exists(ref) if storage.is_remote(ref) else Path(ref).is_dir()
     if rl.init_model is None and not there:
         raise ConfigError(
             "rl.init_model",
@@ -107,7 +107,7 @@ def run_key(rl: RLConfig, init: str, spec_sha: str, variant: str) -> str:
 
 def check_key(out_dir: str, key: str) -> None:
     path = storage.join(out_dir, "run.json")
-    if exists(path):
+    if storage.exists(path):
         old = json.loads(storage.read_text(path)).get("key")
         if old != key:
             raise ConfigError(
@@ -153,16 +153,6 @@ def to_table(rows: list[dict[str, Any]]) -> pa.Table:
     """Rows with different keys (held-in rows have no reward) as one table, nulls filled."""
     names = list(dict.fromkeys(k for r in rows for k in r))
     return pa.Table.from_pylist([{k: r.get(k) for k in names} for r in rows])
-
-
-def exists(path: str) -> bool:
-    """`storage.exists`, never answered from s3fs's listing cache: Ray's workers write into
-    the run folder (checkpoints, update.json, the export) from other processes, and a cached
-    listing of the parent folder would not show what they wrote."""
-    if storage.is_remote(path):
-        fs, p = storage.filesystem(path)
-        fs.invalidate_cache(p)
-    return storage.exists(path)
 
 
 def iteration_metrics(out_dir: str) -> list[str]:
@@ -211,7 +201,7 @@ class RLRun:
         return self.path(f"iter_{i:04d}")
 
     def done(self, i: int) -> bool:
-        return exists(storage.join(self.iter_dir(i), "metrics.json"))
+        return storage.exists(storage.join(self.iter_dir(i), "metrics.json"))
 
     # ---------------------------------------------------------- weights
 
@@ -233,12 +223,12 @@ class RLRun:
             return self.init
         export = self.path("export")
         mark = storage.join(export, EXPORT_MARK)
-        if exists(mark) and json.loads(storage.read_text(mark))["iteration"] == i - 1:
+        if storage.exists(mark) and json.loads(storage.read_text(mark))["iteration"] == i - 1:
             return export  # a URI is read through resolve_model (a cached local copy)
         import ray.train
 
         ckpt = self.path(checkpoint_name(i - 1))
-        if not exists(ckpt):
+        if not storage.exists(ckpt):
             raise RuntimeError(f"iteration {i}: no export and no checkpoint {ckpt} to make one")
         log.info("rl: exporting %s again (the run stopped before exporting it)", ckpt)
         return self.export(ray.train.Checkpoint(path=ckpt), i - 1)
@@ -249,7 +239,7 @@ class RLRun:
         """Iteration i's rollouts with rewards and advantages (reused if already written)."""
         d = self.iter_dir(i)
         path = storage.join(d, "rollouts.parquet")
-        if exists(path):
+        if storage.exists(path):
             reward = json.loads(storage.read_text(storage.join(d, "reward.json")))
             return storage.read_table(path).to_pylist(), reward
         rl = self.rl
@@ -301,7 +291,7 @@ class RLRun:
         d = self.iter_dir(i)
         update_json = storage.join(d, "update.json")
         ckpt = self.path(checkpoint_name(i))
-        if exists(update_json) and exists(ckpt):
+        if storage.exists(update_json) and storage.exists(ckpt):
             log.info("rl iteration %d: update done earlier (%s)", i, ckpt)
             return ray.train.Checkpoint(path=ckpt), json.loads(storage.read_text(update_json))
         result = fit_update(self.rl, self.tcfg, train_rows(train, policy), i, self.out, d)
@@ -371,7 +361,7 @@ class RLRun:
         """Held-in refusal rates of the final policy (once all iterations are done)."""
         n = self.rl.iterations
         path = self.path("final.json")
-        if exists(path):
+        if storage.exists(path):
             doc = json.loads(storage.read_text(path))
             if doc.get("iteration") == n:
                 return doc
