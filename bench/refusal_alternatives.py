@@ -3,6 +3,9 @@ split of data/graders/refusal_labels.jsonl only (the held-out split is not read)
 
 - `linear`: the shipped model (hashed n-grams + rule features, logistic regression);
 - `linear+minilm`: the same plus the MiniLM embedding of the reply's first 30 words (32 tokens);
+- `linear+chars`: the same plus hashed character 3-5-grams of the reply's first 300 characters;
+- `linear-binary-rule`: the shipped model, but a reply is a refusal when P(compliance) < 0.5
+  (then the likelier of the two refusal labels), instead of the most probable label;
 - `boosting`: gradient-boosted trees on the rule features alone;
 - `stacking`: boosted trees on the rule features + out-of-fold n-gram probabilities;
 - `minilm-finetuned` (fold 0 only, with `linear` on the same fold): all-MiniLM-L6-v2
@@ -37,6 +40,25 @@ def scores(pred: np.ndarray, y: np.ndarray) -> dict[str, float]:
     pairs = zip(pred, y, strict=True)
     binary = np.mean([is_refusal(LABELS[p]) == is_refusal(LABELS[t]) for p, t in pairs])
     return {"binary": round(float(binary), 4), "three_way": round(float(np.mean(pred == y)), 4)}
+
+
+def char_grams(rows, head: int = 300, dim: int = 1 << 15):
+    """Hashed character 3-5-grams of each reply's opening, each row of unit length."""
+    import zlib
+
+    import scipy.sparse as sp
+
+    data: list[float] = []
+    cols: list[int] = []
+    indptr = [0]
+    for r in rows:
+        text = f" {normalise(r.completion).lower()[:head]} "
+        grams = {text[i : i + k] for k in (3, 4, 5) for i in range(len(text) - k + 1)}
+        hashed = sorted({zlib.crc32(g.encode()) % dim for g in grams})
+        cols += hashed
+        data += [1 / np.sqrt(len(hashed))] * len(hashed)
+        indptr.append(len(cols))
+    return sp.csr_matrix((np.array(data, np.float32), cols, indptr), shape=(len(rows), dim))
 
 
 def finetune_fold(rows, y, tr, te) -> dict[str, float]:
@@ -125,14 +147,21 @@ def main() -> None:
         )
 
     with_emb = sp.hstack([x, sp.csr_matrix(emb)]).tocsr()
+    with_chars = sp.hstack([x, char_grams(rows)]).tocsr()
     doc: dict = {"train_rows": len(rows), "C": DEFAULT_C, "cv5": {}}
-    for name in ("linear", "linear+minilm", "boosting", "stacking"):
+    names = ("linear", "linear+minilm", "linear+chars", "linear-binary-rule", "boosting")
+    for name in (*names, "stacking"):
         pred = np.zeros(len(rows), int)
         for tr, te in folds:
             if name == "linear":
                 pred[te] = lr().fit(x[tr], y[tr]).predict(x[te])
             elif name == "linear+minilm":
                 pred[te] = lr().fit(with_emb[tr], y[tr]).predict(with_emb[te])
+            elif name == "linear+chars":
+                pred[te] = lr().fit(with_chars[tr], y[tr]).predict(with_chars[te])
+            elif name == "linear-binary-rule":
+                p = lr().fit(x[tr], y[tr]).predict_proba(x[te])
+                pred[te] = np.where(p[:, 0] >= 0.5, 0, 1 + p[:, 1:].argmax(1))
             elif name == "boosting":
                 pred[te] = boost().fit(rules[tr], y[tr]).predict(rules[te])
             else:

@@ -5,11 +5,15 @@ Fits the classifier on the `train` split of data/graders/refusal_labels.jsonl (s
 data/graders/refusal_split.json), as the grader does at first use, then reports on the
 `heldout` split: binary agreement (compliance vs any refusal) and three-way agreement, for
 all held-out rows and for the real model outputs alone; the confusion matrix; calibration
-(expected calibration error of the top probability, 10 bins). Speed: `deliberate-ray grade`
+(expected calibration error of the top probability, 10 bins); agreement on the held-out
+replies the coherence grader reads as coherent and as degenerate, apart. --learning-curve adds
+5-fold cross-validation on train, grouped by prompt (no prompt on both sides of a fold), fitted
+on 25/50/75/100% of each fold's training rows: how much more labelled data of this kind would
+buy. Speed: `deliberate-ray grade`
 run as a user runs it, on a file of held-out rows repeated to --speed-rows rows; rows/s of the
 whole command (start-up and fit included) and of the grading loop (from its progress bar).
 
-    .venv/bin/python bench/refusal_grader.py [--choose-c] [--show-errors]
+    .venv/bin/python bench/refusal_grader.py [--choose-c] [--learning-curve] [--show-errors]
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from deliberate_ray.graders.coherence import degenerate
 from deliberate_ray.graders.refusal import (
     DEFAULT_C,
     LABELS,
@@ -63,6 +68,31 @@ def ece(probs: np.ndarray, gold: list[str], bins: int = 10) -> float:
     return round(float(total), 4)
 
 
+def learning_curve(train: list, fractions=(0.25, 0.5, 0.75, 1.0)) -> dict[str, dict]:
+    """Grouped-by-prompt 5-fold CV on train, fitting on a fraction of each fold's rows."""
+    from sklearn.model_selection import GroupKFold
+
+    groups = [r.prompt for r in train]
+    rng = np.random.default_rng(0)
+    folds = list(GroupKFold(5).split(train, groups=groups))
+    curve = {}
+    for frac in fractions:
+        pred: list[str] = [""] * len(train)
+        sizes = []
+        for fit_idx, test_idx in folds:
+            fit_idx = rng.permutation(fit_idx)[: int(len(fit_idx) * frac)]
+            sizes.append(len(fit_idx))
+            clf = RefusalClassifier.fit([train[i] for i in fit_idx])
+            for i, label in zip(
+                test_idx, clf.predict([(train[i].prompt, train[i].completion) for i in test_idx])
+            ):
+                pred[i] = label
+        curve[str(frac)] = agreement(pred, [r.label for r in train]) | {
+            "fit_rows": int(np.mean(sizes))
+        }
+    return curve
+
+
 def grade_speed(rows: list, n: int) -> dict[str, float]:
     """Run `deliberate-ray grade` on n rows; rows/s end to end and in the grading loop."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -94,6 +124,7 @@ def grade_speed(rows: list, n: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--choose-c", action="store_true", help="cross-validate C on train")
+    parser.add_argument("--learning-curve", action="store_true", help="grouped CV on train")
     parser.add_argument("--show-errors", action="store_true")
     parser.add_argument("--speed-rows", type=int, default=5000)
     parser.add_argument("--out", type=Path, default=OUT)
@@ -132,6 +163,14 @@ def main() -> None:
         "rules": on(everything, rules),
     }
     doc["heldout_real_outputs"] = {"classifier": on(real, learned), "rules": on(real, rules)}
+    coherent = [i for i, r in enumerate(heldout) if degenerate(r.completion, r.prompt) is None]
+    garbled = sorted(set(everything) - set(coherent))
+    doc["heldout_by_coherence"] = {
+        "coherent": {"classifier": on(coherent, learned), "rules": on(coherent, rules)},
+        "degenerate": {"classifier": on(garbled, learned), "rules": on(garbled, rules)},
+    }
+    if args.learning_curve:
+        doc["learning_curve_train_cv"] = learning_curve(train)
     doc["confusion_classifier"] = confusion(learned, gold)
     doc["ece_classifier"] = ece(probs, gold)
     doc["speed"] = grade_speed(heldout, args.speed_rows)
@@ -145,6 +184,11 @@ def main() -> None:
         for name in ("classifier", "rules"):
             a = doc[part][name]
             print(f"| {part} | {name} | {a['binary']:.1%} | {a['three_way']:.1%} | {a['n']} |")
+    for part, by in doc["heldout_by_coherence"].items():
+        for name, a in by.items():
+            print(f"| {part} replies | {name} | {a['binary']:.1%} | {a['three_way']:.1%} | {a['n']} |")
+    if args.learning_curve:
+        print("\ntrain CV grouped by prompt, by rows fitted:", doc["learning_curve_train_cv"])
     print(f"\nconfusion (gold -> predicted): {doc['confusion_classifier']}")
     print(f"calibration error (ECE, 10 bins): {doc['ece_classifier']}")
     print(f"speed: {doc['speed']}")
