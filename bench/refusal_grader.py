@@ -83,9 +83,8 @@ def learning_curve(train: list, fractions=(0.25, 0.5, 0.75, 1.0)) -> dict[str, d
             fit_idx = rng.permutation(fit_idx)[: int(len(fit_idx) * frac)]
             sizes.append(len(fit_idx))
             clf = RefusalClassifier.fit([train[i] for i in fit_idx])
-            for i, label in zip(
-                test_idx, clf.predict([(train[i].prompt, train[i].completion) for i in test_idx])
-            ):
+            labels = clf.predict([(train[i].prompt, train[i].completion) for i in test_idx])
+            for i, label in zip(test_idx, labels, strict=True):
                 pred[i] = label
         curve[str(frac)] = agreement(pred, [r.label for r in train]) | {
             "fit_rows": int(np.mean(sizes))
@@ -186,7 +185,8 @@ def main() -> None:
             print(f"| {part} | {name} | {a['binary']:.1%} | {a['three_way']:.1%} | {a['n']} |")
     for part, by in doc["heldout_by_coherence"].items():
         for name, a in by.items():
-            print(f"| {part} replies | {name} | {a['binary']:.1%} | {a['three_way']:.1%} | {a['n']} |")
+            row = f"{a['binary']:.1%} | {a['three_way']:.1%} | {a['n']}"
+            print(f"| {part} replies | {name} | {row} |")
     if args.learning_curve:
         print("\ntrain CV grouped by prompt, by rows fitted:", doc["learning_curve_train_cv"])
     print(f"\nconfusion (gold -> predicted): {doc['confusion_classifier']}")
