@@ -142,6 +142,19 @@ def resolve_model(ref: str) -> str:
     return ref  # hub-style name, used as given
 
 
+def portable_ref(ref: str) -> str:
+    """The reference to hand to other processes, which may run on other nodes: an embedded
+    model or a URI as given (each node resolves it into its own cache, see `resolve_model`),
+    anything else resolved here (a local path made absolute, a hub name as given). Call
+    `resolve_model` on the driver as well, so a bad reference fails before any worker
+    starts."""
+    from deliberate_ray import storage
+
+    if ref.startswith("embedded:") or ref == TINY or storage.is_remote(ref):
+        return ref
+    return resolve_model(ref)
+
+
 def load_tokenizer(ref: str) -> Any:
     from transformers import AutoTokenizer
 

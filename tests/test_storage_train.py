@@ -12,6 +12,8 @@ storage is the same mechanism the training run exercises.
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -48,6 +50,72 @@ def test_a_model_ref_in_a_bucket_resolves_to_a_local_copy(s3_bucket: str, tiny_m
     storage.upload_dir(tiny_model, f"{s3_bucket}/tiny")
     local = resolve_model(f"{s3_bucket}/tiny")
     assert storage.exists(f"{local}/config.json") and not storage.is_remote(local)
+
+
+def test_workers_get_a_portable_model_ref_and_resolve_it_on_their_own_node(
+    s3_bucket: str, tiny_model: str, tmp_path, monkeypatch, ray_session
+) -> None:
+    """Training hands its workers the URI (or the embedded ref), not the driver's cache path,
+    and the worker-side loader resolves it into the cache of the node it runs on: here a Ray
+    task whose DELIBERATE_RAY_CACHE is an empty folder stands in for another node."""
+    import ray
+
+    from deliberate_ray.models import EMBEDDED, TINY, portable_ref
+
+    uri = f"{s3_bucket}/base"
+    storage.upload_dir(tiny_model, uri)
+    assert portable_ref(uri) == uri and portable_ref(EMBEDDED) == EMBEDDED
+    assert portable_ref(TINY) == TINY and portable_ref("org/some-model") == "org/some-model"
+    monkeypatch.chdir(tiny_model)
+    assert portable_ref(".") == str(Path(tiny_model).resolve())  # made absolute
+
+    other_node = tmp_path / "other-node-cache"
+
+    @ray.remote(runtime_env={"env_vars": {"DELIBERATE_RAY_CACHE": str(other_node)}})
+    def load_there(ref: str) -> tuple[int, str]:
+        from deliberate_ray.train.parallelize import load_base_model
+
+        model = load_base_model(ref)
+        return sum(p.numel() for p in model.parameters()), os.environ["DELIBERATE_RAY_CACHE"]
+
+    n_params, cache = ray.get(load_there.remote(uri))
+    assert n_params > 0 and cache == str(other_node)
+    assert list((other_node / "remote").iterdir())  # downloaded there, by the worker
+
+    # What run_train hands the Ray Train workers: the URI, not this process's cache path.
+    import pyarrow.parquet as pq
+    from test_train_ray import tuple_rows
+
+    from deliberate_ray.contracts import TUPLE, to_table
+    from deliberate_ray.train import run as train_run
+
+    pq.write_table(to_table(tuple_rows(48), TUPLE), tmp_path / "tuples.parquet")
+    cfg = Config.model_validate(
+        {
+            "run_dir": str(tmp_path / "run"),
+            "train": {
+                "model": uri,
+                "data": [str(tmp_path / "tuples.parquet")],
+                "max_seq_len": 256,
+                "micro_batch_size": 1,
+                "num_workers": 1,
+                "max_steps": 1,
+            },
+        }
+    )
+    handed: dict[str, Any] = {}
+
+    class Handed(Exception):
+        pass
+
+    def capture(loop, config, *args, **kwargs):
+        handed.update(config)
+        raise Handed
+
+    monkeypatch.setattr(train_run, "torch_trainer", capture)
+    with pytest.raises(Handed):
+        train_run.run_train(cfg.train, cfg.run_dir)
+    assert handed["train"]["model"] == uri
 
 
 # ------------------------------------------------------------------ RL's run folder

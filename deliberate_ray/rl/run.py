@@ -178,20 +178,24 @@ class RLRun:
         self,
         cfg: Config,
         rl: RLConfig,
-        init: str,
         out_dir: str,
         reward_fn: RewardFn | None,
         eval_suites: Sequence[str] = (),
     ):
+        from deliberate_ray.models import portable_ref
         from deliberate_ray.spec import load_spec
 
-        self.cfg, self.rl, self.init, self.out = cfg, rl, init, out_dir
+        self.cfg, self.rl, self.out = cfg, rl, out_dir
+        # The model RL starts from (resolve_init has checked it). Rollout engines and the
+        # update's workers get the portable form of its reference and resolve that on their
+        # own node: a URI or the embedded model into that node's cache (see train.run).
+        self.init = portable_ref(init_ref(cfg, rl))
         self.reward_fn = reward_fn
         self.spec = load_spec(cfg.spec.path)
         self.pool = load_pool(cfg, rl, self.spec.category_ids, eval_suites)
         self.by_id = {p["id"]: p for p in self.pool}
         self.heldin = heldin_set(self.pool, rl.heldin_prompts)
-        self.tcfg = update_config(rl, init)
+        self.tcfg = update_config(rl, self.init)
 
     def path(self, *parts: str) -> str:
         """A file or folder of the run (a local path or a URI)."""
@@ -480,7 +484,7 @@ def run_rl(
         ref = init_ref(cfg, rl)
         key = run_key(rl, ref if storage.is_remote(ref) else init, spec_sha, cfg.spec.variant)
         check_key(out_dir, key)
-        return RLRun(cfg, rl, init, out_dir, reward_fn, eval_suites).run(stop_after)
+        return RLRun(cfg, rl, out_dir, reward_fn, eval_suites).run(stop_after)
 
 
 # ------------------------------------------------------------------ report

@@ -42,10 +42,13 @@ def export_hf(
             return export_hf(local_ckpt, cfg, out_dir)
     from transformers import AutoConfig, AutoTokenizer
 
-    base_dtype = AutoConfig.from_pretrained(cfg.model).dtype or torch.float32
+    from deliberate_ray.models import resolve_model
+
+    base = resolve_model(cfg.model)  # on the node that exports (a cached local copy)
+    base_dtype = AutoConfig.from_pretrained(base).dtype or torch.float32
     # In the model's own dtype (bf16 for most): an 8B model is 16 GB, not fp32's 32 GB; the
     # checkpoint's fp32 master weights are cast as they are copied in.
-    model: Any = load_base_model(cfg.model, dtype=base_dtype)
+    model: Any = load_base_model(base, dtype=base_dtype)
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora)
     load_model_weights(str(checkpoint_dir), model, cfg.lora.enabled)
@@ -58,7 +61,7 @@ def export_hf(
 
     def save(folder: Path) -> None:
         model.save_pretrained(str(folder), safe_serialization=True)
-        tok = AutoTokenizer.from_pretrained(cfg.model)
+        tok = AutoTokenizer.from_pretrained(base)
         tok.chat_template = student_template(tok.chat_template, cfg.variant)  # as it learned
         tok.save_pretrained(str(folder))
 

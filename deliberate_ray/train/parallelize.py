@@ -26,6 +26,9 @@ def load_base_model(
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from deliberate_ray.models import resolve_model
+
+    path = resolve_model(path)  # on this node: a URI or the embedded model into its cache
     config = AutoConfig.from_pretrained(path)
     if hasattr(config, "quantization_config"):
         del config.quantization_config

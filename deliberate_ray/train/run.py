@@ -15,7 +15,7 @@ from typing import Any
 
 from deliberate_ray import storage
 from deliberate_ray.config import Config, ConfigError, TrainConfig, override
-from deliberate_ray.models import resolve_model
+from deliberate_ray.models import portable_ref, resolve_model
 from deliberate_ray.results import TrainResult
 from deliberate_ray.train.data import DataStats, TrainDataError, build_dataset
 from deliberate_ray.train.export import export_hf
@@ -74,7 +74,10 @@ def run_train(section: TrainConfig, run_dir: str, *, stop_after: int | None = No
     parent = storage.absolute(tcfg.output_dir or storage.join(run_dir, "train"))
     out_dir = storage.join(parent, tcfg.name)
     storage_root = tcfg.storage_path or parent
-    tcfg = tcfg.model_copy(update={"model": resolve_model(tcfg.model)})
+    # Resolved here so that a bad reference fails now; the workers get the portable form and
+    # resolve it on their own node (a URI or the embedded model into that node's cache).
+    resolve_model(tcfg.model)
+    tcfg = tcfg.model_copy(update={"model": portable_ref(tcfg.model)})
     if not ray.is_initialized():
         ray.init()
     dataset, stats = build_dataset(tcfg, tcfg.data)
