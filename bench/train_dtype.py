@@ -22,7 +22,6 @@ import torch
 
 from deliberate_ray.config import load_config
 from deliberate_ray.engines.select import cpu_dtype
-from deliberate_ray.models import resolve_model
 from deliberate_ray.train.parallelize import apply_lora, load_base_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +39,7 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     cfg = load_config(a.config).train
-    model = load_base_model(resolve_model(cfg.model))
+    model = load_base_model(cfg.model)
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora)
     model.train()

@@ -17,9 +17,11 @@ from deliberate_ray.config import LoraConfig, TrainConfig
 
 
 def load_base_model(
-    path: str, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32
+    ref: str, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32
 ) -> Any:
     """The base model in fp32 (master weights; `dtype` for the export), as plain weights.
+    `ref` is any model reference, resolved in this process (`models.resolve_model`: a URI or
+    the embedded model into this node's cache).
 
     A config saved from a GGUF conversion still names its quantization; loading with it
     would mark the model as quantized, which refuses `save_pretrained` at export.
@@ -28,7 +30,7 @@ def load_base_model(
 
     from deliberate_ray.models import resolve_model
 
-    path = resolve_model(path)  # on this node: a URI or the embedded model into its cache
+    path = resolve_model(ref)
     config = AutoConfig.from_pretrained(path)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
